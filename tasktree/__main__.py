@@ -1,0 +1,7 @@
+"""python -m tasktree."""
+
+import sys
+
+from tasktree.cli import main
+
+sys.exit(main())

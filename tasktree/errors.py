@@ -1,0 +1,49 @@
+"""One root error for tasktree; everything the user can cause is a TaskTreeError."""
+
+
+class TaskTreeError(Exception):
+    """Raised for any failure tasktree reports to its user as one line (exit status 2)."""
+
+    exit_status = 2
+
+
+class ConfigError(TaskTreeError):
+    """Raised when settings or the environment are invalid."""
+
+
+class InputError(TaskTreeError):
+    """Raised when a task, persona, budget or identifier given by the user is invalid."""
+
+
+class NotFoundError(TaskTreeError):
+    """Raised when a tree or node id does not exist in the store."""
+
+
+class StoreError(TaskTreeError):
+    """Raised when Redis cannot be reached or answers with an error."""
+
+
+class PayloadError(TaskTreeError):
+    """Raised when a task message does not decode or validate against agent.proto."""
+
+
+class EmbeddedError(TaskTreeError):
+    """Raised when the embedded Redis cannot be started."""
+
+
+class LLMError(TaskTreeError):
+    """Raised when a model call fails for good (a client error, or retries spent)."""
+
+
+class TransientLLMError(LLMError):
+    """Raised when a model call failed in a way worth retrying later (429, 5xx, timeout)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TreeFailed(TaskTreeError):
+    """Raised by the CLI's wait when a tree ends in a status other than completed."""
+
+    exit_status = 1

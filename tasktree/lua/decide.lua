@@ -1,0 +1,53 @@
+-- Store a node's decision once; when it delegates, reserve node budget and create children.
+-- KEYS: tree, node, events, nodes, claim, child_1 .. child_k (k = sub-tasks after clamping)
+-- ARGV: node_id, now, worker, decision JSON {decision, reason, notes, sub_tasks=[{requested_persona, task_details}]}
+-- Returns {decision, children csv}: the stored one if a decision already exists.
+local node_id, now, worker = ARGV[1], ARGV[2], ARGV[3]
+local existing = redis.call('HGET', KEYS[2], 'decision')
+if existing then
+  return {existing, redis.call('HGET', KEYS[2], 'children') or ''}
+end
+if not redis.call('HGET', KEYS[2], 'status') then return {'MISSING', ''} end
+local d = cjson.decode(ARGV[4])
+local notes = d.notes or {}
+local decision = d.decision
+local k = #KEYS - 5
+local allowed = 0
+if decision == 'delegate' then
+  local t = redis.call('HMGET', KEYS[1], 'max_nodes', 'reserved')
+  allowed = math.min(k, num(t[1]) - num(t[2]))
+  if allowed < k then
+    table.insert(notes, 'clamped: node budget allowed ' .. math.max(allowed, 0) .. ' of ' .. k .. ' sub-tasks')
+  end
+  if allowed < 2 then
+    allowed = 0
+    decision = 'execute'
+    table.insert(notes, 'clamped: fewer than 2 sub-tasks fit; executing instead')
+  end
+end
+local depth = num(redis.call('HGET', KEYS[2], 'depth')) + 1
+local ids = {}
+for i = 1, allowed do
+  local cid = node_id .. '.' .. i
+  local st = d.sub_tasks[i]
+  redis.call('HSET', KEYS[5 + i], 'id', cid, 'parent', node_id, 'depth', depth,
+    'persona', st.requested_persona, 'instructions', st.task_details,
+    'status', 'queued', 'created_at', now)
+  redis.call('RPUSH', KEYS[4], cid)
+  ids[i] = cid
+end
+if allowed > 0 then redis.call('HINCRBY', KEYS[1], 'reserved', allowed) end
+local children = table.concat(ids, ',')
+local new_status = (allowed > 0) and 'delegated' or redis.call('HGET', KEYS[2], 'status')
+redis.call('HSET', KEYS[2], 'decision', decision, 'reason', d.reason or '',
+  'children', children, 'notes', cjson.encode(notes), 'status', new_status)
+for _, note in ipairs(notes) do
+  emit(KEYS[1], KEYS[3], 'node', node_id, 'status', new_status, 'note', note, 'ts', now)
+end
+emit(KEYS[1], KEYS[3], 'node', node_id, 'status', new_status, 'decision', decision,
+  'children', tostring(allowed), 'worker', worker, 'ts', now)
+for i = 1, allowed do
+  emit(KEYS[1], KEYS[3], 'node', ids[i], 'status', 'queued', 'ts', now)
+end
+redis.call('DEL', KEYS[5])
+return {decision, children}
