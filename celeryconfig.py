@@ -21,7 +21,9 @@ def config(settings: Settings) -> dict[str, Any]:
 
         master = parse_qs(urlparse(url.split(";")[0]).query).get("master_name", ["mymaster"])[0]
         transport["master_name"] = master
-        backend_url = url.split("?")[0] if ";" not in url else url.replace(f"?master_name={master}", "")
+        backend_url = (
+            url.split("?")[0] if ";" not in url else url.replace(f"?master_name={master}", "")
+        )
     conf: dict[str, Any] = {
         "broker_url": url,
         "result_backend": backend_url,

@@ -131,10 +131,17 @@ def cmd_submit(args: argparse.Namespace, settings: Settings, out: Output) -> int
     if args.max_depth is not None and args.max_depth < 0:
         raise InputError("--max-depth must be 0 or more")
     spec = TreeSpec.build(
-        settings, args.task, persona=args.persona, model=args.model,
-        max_depth=args.max_depth, max_children=args.max_children, max_nodes=args.max_nodes,
-        max_cost=args.max_cost, max_tokens=args.max_tokens,
-        on_child_failure=args.on_child_failure, single_call=args.single_call,
+        settings,
+        args.task,
+        persona=args.persona,
+        model=args.model,
+        max_depth=args.max_depth,
+        max_children=args.max_children,
+        max_nodes=args.max_nodes,
+        max_cost=args.max_cost,
+        max_tokens=args.max_tokens,
+        on_child_failure=args.on_child_failure,
+        single_call=args.single_call,
     )
     if args.no_wait and not settings.redis_url:
         raise InputError("--no-wait needs TASKTREE_REDIS_URL and running workers")
@@ -165,7 +172,9 @@ def wait_interruptibly(client: Client, tree_id: str, out: Output, quiet: bool) -
                 client.cancel(tree_id)
                 out.err.print(f"cancelling {tree_id}; waiting for running calls to end")
                 return client.wait(tree_id)
-        out.err.print(f"detached from {tree_id}; follow it with: python -m tasktree watch {tree_id}")
+        out.err.print(
+            f"detached from {tree_id}; follow it with: python -m tasktree watch {tree_id}"
+        )
         raise SystemExit(130) from None
 
 
@@ -234,8 +243,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     table = Table("id", "submitted", "status", "nodes", "cost", "task")
     for t in trees:
         table.add_row(
-            t.id, datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M:%S"), t.status,
-            str(t.reserved), render.money(t.cost_usd, t.cost_unknown),
+            t.id,
+            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+            t.status,
+            str(t.reserved),
+            render.money(t.cost_usd, t.cost_unknown),
             render.short(t.task.splitlines()[0] if t.task else "", 50),
         )
     out.console.print(table)
@@ -246,9 +258,11 @@ def cmd_export(args: argparse.Namespace, settings: Settings, out: Output) -> int
     check_tree_id(args.tree_id)
     with session(settings) as client:
         tree = client.tree(args.tree_id)
-    text = render.markdown(tree) if args.format == "markdown" else json.dumps(
-        tree_json(tree), indent=2, default=str
-    ) + "\n"
+    text = (
+        render.markdown(tree)
+        if args.format == "markdown"
+        else json.dumps(tree_json(tree), indent=2, default=str) + "\n"
+    )
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as f:

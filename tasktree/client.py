@@ -39,12 +39,19 @@ class Client:
         self.store.ping()
         tree_id = self.store.create_tree(spec)
         req = TaskRequest(
-            task_id=f"{tree_id}/0", persona_prompt=spec.persona,
-            task_instructions=spec.task, tree_id=tree_id, node_id="0", depth=0,
+            task_id=f"{tree_id}/0",
+            persona_prompt=spec.persona,
+            task_instructions=spec.task,
+            tree_id=tree_id,
+            node_id="0",
+            depth=0,
         )
         try:
             self.app.send_task(
-                NODE, args=[to_dict(req)], argsrepr=describe(req), ignore_result=True,
+                NODE,
+                args=[to_dict(req)],
+                argsrepr=describe(req),
+                ignore_result=True,
                 retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
             )
         except Exception as e:  # kombu raises several classes for an unreachable broker

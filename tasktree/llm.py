@@ -91,7 +91,15 @@ def _translate(e: Exception, model: str) -> LLMError:
     what = f"{model}: {type(e).__name__}" + (f" {status}" if status else "") + f": {message}"
     name = type(e).__name__
     if status in TRANSIENT_STATUS or (
-        status is None and name in {"APIConnectionError", "Timeout", "APITimeoutError", "ServiceUnavailableError", "InternalServerError"}
+        status is None
+        and name
+        in {
+            "APIConnectionError",
+            "Timeout",
+            "APITimeoutError",
+            "ServiceUnavailableError",
+            "InternalServerError",
+        }
     ):
         return TransientLLMError(what, retry_after=_retry_after(e))
     return LLMError(what)

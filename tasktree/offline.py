@@ -14,10 +14,13 @@ from tasktree import prompts
 from tasktree.settings import Settings, parse_latency
 
 PROVIDER = "tasktree-offline"
-NOTICE = "[offline placeholder text: tasktree's built-in model wrote this; no real model was called]"
+NOTICE = (
+    "[offline placeholder text: tasktree's built-in model wrote this; no real model was called]"
+)
 
 _LIST_RE = re.compile(
-    r"\b(?:this\s+)?(?:includes|including|covers|covering|consists of|comprising)\b:?\s+(.+?)(?:\.(?:\s|$)|$)",
+    r"\b(?:this\s+)?(?:includes|including|covers|covering|consists of|comprising)\b"
+    r":?\s+(.+?)(?:\.(?:\s|$)|$)",
     re.IGNORECASE | re.DOTALL,
 )
 _TASK_RE = re.compile(r"<task>\n(.*?)\n</task>", re.DOTALL)
@@ -59,22 +62,30 @@ class OfflineModel:
         if last.startswith(prompts.SYNTH_TAG):
             parts = _CONTEXT_RE.findall(last)
             lines = [f"- {key}: {value.splitlines()[-1][:160]}" for key, value in parts]
-            return f"{NOTICE}\nSynthesis of {len(parts)} parts for: {_short(task)}\n" + "\n".join(lines)
+            return f"{NOTICE}\nSynthesis of {len(parts)} parts for: {_short(task)}\n" + "\n".join(
+                lines
+            )
         return f"{NOTICE}\nAs {_short(system, 60)}: a response to {_short(task)}"
 
     def _decide(self, task: str, single: bool) -> str:
         if self.fanout:
             subs = [
-                {"requested_persona": f"You are specialist {i} of {self.fanout}.",
-                 "task_details": f"Part {i} of {self.fanout}: {_short(task, 120)}"}
+                {
+                    "requested_persona": f"You are specialist {i} of {self.fanout}.",
+                    "task_details": f"Part {i} of {self.fanout}: {_short(task, 120)}",
+                }
                 for i in range(1, self.fanout + 1)
             ]
-            return json.dumps({"decision": "delegate", "reason": "offline fan-out", "sub_tasks": subs})
+            return json.dumps(
+                {"decision": "delegate", "reason": "offline fan-out", "sub_tasks": subs}
+            )
         objective, items = parts_of(task)
         if items:
             subs = [
-                {"requested_persona": f"You are an expert in {item}.",
-                 "task_details": f"Produce the {item} for: {objective}."}
+                {
+                    "requested_persona": f"You are an expert in {item}.",
+                    "task_details": f"Produce the {item} for: {objective}.",
+                }
                 for item in items
             ]
             reason = f"the task names {len(items)} parts"
@@ -117,7 +128,9 @@ def make_provider(settings: Settings) -> Any:
             completion_tokens = count_tokens(text)
             return litellm.ModelResponse(
                 model=kwargs.get("model", ""),
-                choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                choices=[
+                    {"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
                 usage={
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,

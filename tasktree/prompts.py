@@ -24,14 +24,15 @@ def _task_block(persona: str, task: str) -> str:
 def decide(persona: str, task: str, max_children: int, single_call: bool = False) -> list[Message]:
     """The decomposition meta-prompt: execute alone, or delegate to sub-tasks (JSON)."""
     tag = SINGLE_TAG if single_call else DECIDE_TAG
-    answer = (
-        ' "answer": "<your complete answer, when you execute>",' if single_call else ""
-    )
+    answer = ' "answer": "<your complete answer, when you execute>",' if single_call else ""
     system = (
         f"{tag} You decide how a task is handled in a tree of specialist agents.\n"
         + _DECIDE_RULES.format(max_children=max_children, answer=answer)
     )
-    return [{"role": "system", "content": system}, {"role": "user", "content": _task_block(persona, task)}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": _task_block(persona, task)},
+    ]
 
 
 def repair(messages: list[Message], bad_output: str, error: str) -> list[Message]:

@@ -98,7 +98,8 @@ def markdown(tree: Tree) -> str:
         f"# {short(tree.task, 80)}",
         "",
         f"Tree `{tree.id}` · status **{tree.status}** · {len(tree.nodes)} nodes · "
-        f"{tree.calls} LLM calls · {tree.tokens} tokens · cost {money(tree.cost_usd, tree.cost_unknown)}"
+        f"{tree.calls} LLM calls · {tree.tokens} tokens · "
+        f"cost {money(tree.cost_usd, tree.cost_unknown)}"
         f" · {tree.elapsed:.1f}s",
         "",
         "## Task",

@@ -89,8 +89,15 @@ class NodeRun:
             self.store.release(self.tree_id, self.node_id, step, self.token)
             raise
         self.store.record_call(
-            self.tree_id, self.node_id, step, reply.model, reply.prompt_tokens,
-            reply.completion_tokens, reply.cost_usd, reply.cost_known, reply.latency,
+            self.tree_id,
+            self.node_id,
+            step,
+            reply.model,
+            reply.prompt_tokens,
+            reply.completion_tokens,
+            reply.cost_usd,
+            reply.cost_known,
+            reply.latency,
         )
         return reply
 
@@ -130,8 +137,12 @@ class NodeRun:
                 return Outcome("done", status="missing", error=str(e))
             except TransientLLMError as e:
                 if self.attempt < self.settings.llm_max_retries:
-                    return Outcome("retry", countdown=backoff(self.settings, self.attempt, e.retry_after))
-                return self.finish("failed", error=f"{e} (after {self.attempt + 1} attempts)", step=step)
+                    return Outcome(
+                        "retry", countdown=backoff(self.settings, self.attempt, e.retry_after)
+                    )
+                return self.finish(
+                    "failed", error=f"{e} (after {self.attempt + 1} attempts)", step=step
+                )
             except LLMError as e:
                 return self.finish("failed", error=str(e), step=step)
         finally:
@@ -152,9 +163,13 @@ class NodeRun:
         if s.step == "synthesize":
             return self._close_parent_without_model(verdict, s.gate.detail)
         if verdict == "CANCELLED":
-            return self.finish("cancelled", note="tree cancelled before this node's model call", step=s.step)
+            return self.finish(
+                "cancelled", note="tree cancelled before this node's model call", step=s.step
+            )
         return self.finish(
-            "budget_exhausted", note=f"{s.gate.detail} budget spent before this node's model call", step=s.step
+            "budget_exhausted",
+            note=f"{s.gate.detail} budget spent before this node's model call",
+            step=s.step,
         )
 
     # -- the node ---------------------------------------------------------------------------
@@ -178,24 +193,41 @@ class NodeRun:
         single = tree.get("single_call") == "1"
         if depth >= int(tree["max_depth"]):
             self.store.decide(
-                self.tree_id, self.node_id, "execute", "depth limit reached",
-                [], ["depth limit: decision call skipped"], self.worker,
+                self.tree_id,
+                self.node_id,
+                "execute",
+                "depth limit reached",
+                [],
+                ["depth limit: decision call skipped"],
+                self.worker,
             )
             return
         plan = agent.decide(
-            self.call, persona, task,
+            self.call,
+            persona,
+            task,
             max_children=int(tree["max_children"]),
             persona_limit=self.settings.max_persona_chars,
             task_limit=self.settings.max_task_chars,
             single_call=single,
         )
         decision, _ = self.store.decide(
-            self.tree_id, self.node_id, plan.decision, plan.reason, plan.sub_tasks, plan.notes, self.worker
+            self.tree_id,
+            self.node_id,
+            plan.decision,
+            plan.reason,
+            plan.sub_tasks,
+            plan.notes,
+            self.worker,
         )
         if decision == "execute" and plan.answer:  # single-call mode answered in the same call
             self.store.finish(
-                self.tree_id, self.node_id, "completed", result=plan.answer,
-                worker=self.worker, step="decide",
+                self.tree_id,
+                self.node_id,
+                "completed",
+                result=plan.answer,
+                worker=self.worker,
+                step="decide",
             )
 
     def _delegate(self) -> Outcome:
@@ -220,9 +252,7 @@ class NodeRun:
         children = self.store.nodes(self.tree_id, ids)
         context = {f"{c.id} {c.persona}": c.result for c in children if c.status == "completed"}
         failed = {
-            f"{c.id} {c.persona}": c.error or c.status
-            for c in children
-            if c.status != "completed"
+            f"{c.id} {c.persona}": c.error or c.status for c in children if c.status != "completed"
         }
         return children, context, failed
 
@@ -235,25 +265,35 @@ class NodeRun:
         failures = [c for c in children if c.status == "failed"]
         if failures and self.tree.get("on_child_failure") == "fail":
             first = failures[0]
-            return self.finish("failed", error=f"child {first.id} failed: {first.error}", step="synthesize")
+            return self.finish(
+                "failed", error=f"child {first.id} failed: {first.error}", step="synthesize"
+            )
         if not context:
             statuses = {c.status for c in children}
-            status = "failed" if "failed" in statuses else (
-                "budget_exhausted" if "budget_exhausted" in statuses else "cancelled"
+            status = (
+                "failed"
+                if "failed" in statuses
+                else ("budget_exhausted" if "budget_exhausted" in statuses else "cancelled")
             )
             return self.finish(
-                status, error="every child ended without a result" if status == "failed" else "",
-                result=agent.assemble(task, context, failed, status), step="synthesize",
+                status,
+                error="every child ended without a result" if status == "failed" else "",
+                result=agent.assemble(task, context, failed, status),
+                step="synthesize",
             )
         reply = agent.synthesize(self.call, persona, task, context, failed)
-        return self.finish("completed", result=reply.text, context_keys=list(context), step="synthesize")
+        return self.finish(
+            "completed", result=reply.text, context_keys=list(context), step="synthesize"
+        )
 
     def _close_parent_without_model(self, verdict: str, detail: str) -> Outcome:
         _, context, failed = self._children()
         status = "cancelled" if verdict == "CANCELLED" else "budget_exhausted"
         why = "tree cancelled" if status == "cancelled" else f"{detail} budget spent"
         return self.finish(
-            status, result=agent.assemble(self.node["instructions"], context, failed, why),
-            note=f"{why}: kept the children's results without a synthesis call", step="synthesize",
+            status,
+            result=agent.assemble(self.node["instructions"], context, failed, why),
+            note=f"{why}: kept the children's results without a synthesis call",
+            step="synthesize",
             context_keys=list(context),
         )

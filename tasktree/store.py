@@ -54,7 +54,7 @@ def connect(url: str, settings: Settings | None = None) -> redis.Redis:
 
 
 def _sentinel_client(url: str, opts: dict[str, Any]) -> redis.Redis:
-    """sentinel://[:password@]host:port[;sentinel://host:port...]/db?master_name=NAME (kombu's form)."""
+    """sentinel://[:pw@]host:port[;sentinel://host:port...]/db?master_name=NAME (kombu's form)."""
     from urllib.parse import parse_qs, urlparse
 
     from redis.sentinel import Sentinel
@@ -327,9 +327,7 @@ class Store:
 
     def cancel(self, tree_id: str) -> str:
         """Stop a running tree: no LLM call starts after this returns; queued nodes close now."""
-        res = self._script(
-            "cancel", [keys.tree(tree_id), keys.events(tree_id)], [time.time()]
-        )
+        res = self._script("cancel", [keys.tree(tree_id), keys.events(tree_id)], [time.time()])
         if res[0] == "MISSING":
             raise NotFoundError(f"no tree {tree_id}")
         if res[0] == "OK":
@@ -393,9 +391,10 @@ class Store:
         self, tree_id: str, last_id: str = "0", block_ms: int = 1000
     ) -> Iterator[list[tuple[str, dict[str, str]]]]:
         """Yield batches of events as they arrive (blocking XREAD), forever; the caller stops."""
+        stream = keys.events(tree_id)
         while True:
             res = self._run(
-                lambda: self.r.xread({keys.events(tree_id): last_id}, count=500, block=block_ms)
+                lambda since=last_id: self.r.xread({stream: since}, count=500, block=block_ms)  # type: ignore[misc]
             )
             batch: list[tuple[str, dict[str, str]]] = []
             for _, entries in res or []:

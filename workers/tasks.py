@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -44,7 +45,9 @@ def result_of(tree_id: str, node_id: str, outcome: Outcome) -> dict[str, Any]:
     ok = outcome.status == "completed"
     return to_dict(
         TaskResult(
-            task_id=f"{tree_id}/{node_id}", success=ok, status=outcome.status,
+            task_id=f"{tree_id}/{node_id}",
+            success=ok,
+            status=outcome.status,
             error_message=outcome.error,
         )
     )
@@ -56,8 +59,12 @@ def register(app: Celery) -> None:
     def run(task: Task, tree_id: str, node_id: str) -> NodeRun:
         rt = task.app.tasktree  # type: ignore[attr-defined]
         return NodeRun(
-            rt.store, rt.settings, tree_id, node_id,
-            worker=task.request.hostname or "", attempt=task.request.retries,
+            rt.store,
+            rt.settings,
+            tree_id,
+            node_id,
+            worker=task.request.hostname or "",
+            attempt=task.request.retries,
         )
 
     @app.task(name=NODE, bind=True, max_retries=None, acks_late=True, shared=False)
@@ -77,7 +84,9 @@ def register(app: Celery) -> None:
             raise self.retry(countdown=outcome.countdown)
         if outcome.kind == "delegate":
             header = [
-                self.app.signature(NODE, args=(to_dict(c),), immutable=True).set(argsrepr=describe(c))
+                self.app.signature(NODE, args=(to_dict(c),), immutable=True).set(
+                    argsrepr=describe(c)
+                )
                 for c in outcome.children
             ]
             body = self.app.signature(SYNTHESIZE, args=(req.tree_id, req.node_id), immutable=True)
@@ -86,10 +95,17 @@ def register(app: Celery) -> None:
 
     @app.task(name=SYNTHESIZE, bind=True, max_retries=None, acks_late=True, shared=False)
     def synthesize(self: Task, tree_id: str, node_id: str) -> dict[str, Any]:
-        if not (isinstance(tree_id, str) and keys.TREE_ID_RE.match(tree_id)
-                and isinstance(node_id, str) and keys.NODE_ID_RE.match(node_id)):
-            return reject(self, {"tree_id": tree_id, "node_id": node_id},
-                          PayloadError("invalid synthesis arguments"))
+        if not (
+            isinstance(tree_id, str)
+            and keys.TREE_ID_RE.match(tree_id)
+            and isinstance(node_id, str)
+            and keys.NODE_ID_RE.match(node_id)
+        ):
+            return reject(
+                self,
+                {"tree_id": tree_id, "node_id": node_id},
+                PayloadError("invalid synthesis arguments"),
+            )
         nr = run(self, tree_id, node_id)
         try:
             outcome = nr.run_synthesis()
@@ -105,15 +121,20 @@ def register(app: Celery) -> None:
         log.error("rejected message %s: %s", task.request.id, error)
         tid = payload.get("tree_id") if isinstance(payload, dict) else None
         nid = payload.get("node_id") if isinstance(payload, dict) else None
-        if isinstance(tid, str) and keys.TREE_ID_RE.match(tid) and isinstance(nid, str) \
-                and keys.NODE_ID_RE.match(nid):
-            try:
+        if (
+            isinstance(tid, str)
+            and keys.TREE_ID_RE.match(tid)
+            and isinstance(nid, str)
+            and keys.NODE_ID_RE.match(nid)
+        ):
+            with contextlib.suppress(StoreError):
                 task.app.tasktree.store.finish(  # type: ignore[attr-defined]
-                    tid, nid, "failed", error=f"invalid message: {error}",
+                    tid,
+                    nid,
+                    "failed",
+                    error=f"invalid message: {error}",
                     worker=task.request.hostname or "",
                 )
-            except StoreError:
-                pass
         return to_dict(TaskResult(success=False, status="failed", error_message=str(error)))
 
     @signals.worker_init.connect(weak=False)
@@ -124,4 +145,3 @@ def register(app: Celery) -> None:
             from tasktree.llm import warm
 
             warm(app.tasktree.settings)  # type: ignore[attr-defined]
-
