@@ -31,7 +31,7 @@ def positive_int(name: str) -> Any:
         try:
             n = int(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {v!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {v!r}") from None
         return n
 
     return parse
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load()
         return COMMANDS.get(args.command, cmd_read)(args, settings, out)
     except TaskTreeError as e:
-        out.err.print(f"tasktree: error: {e}", markup=False, highlight=False)
+        sys.stderr.write(f"tasktree: error: {' '.join(str(e).split())}\n")
         return e.exit_status
     except KeyboardInterrupt:
         return 130

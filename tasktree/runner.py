@@ -117,10 +117,10 @@ class NodeRun:
 
     def _guarded(self, body: Callable[[], Outcome], step: str) -> Outcome:
         self.tree, self.node, open_runs = self.store.begin_run(self.tree_id, self.node_id)
+        if not self.tree or not self.node.get("status"):
+            log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)
+            return Outcome("done", status="missing", error="no such node")
         try:
-            if not self.tree or not self.node.get("status"):
-                log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)
-                return Outcome("done", status="missing", error="no such node")
             if self.node["status"] in ("completed", "failed", "cancelled", "budget_exhausted"):
                 return Outcome("done", status=self.node["status"])
             if open_runs > self.settings.max_deliveries:

@@ -93,7 +93,7 @@ class Store:
         self.settings = settings
         self._scripts = {
             name: client.register_script(_load_script(name))
-            for name in ("gate", "record", "decide", "finish", "cancel")
+            for name in ("begin", "gate", "record", "decide", "finish", "cancel")
         }
 
     @classmethod
@@ -184,19 +184,17 @@ class Store:
     def begin_run(self, tree_id: str, node_id: str) -> tuple[dict[str, str], dict[str, str], int]:
         """Start of every task run: the tree, the node, and how many runs have not ended."""
 
-        def read() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hgetall(keys.tree(tree_id))
-            pipe.hgetall(keys.node(tree_id, node_id))
-            pipe.hincrby(keys.node(tree_id, node_id), "open_runs", 1)
-            pipe.hincrby(keys.node(tree_id, node_id), "deliveries", 1)
-            return pipe.execute()
+        tree, node, open_runs = self._script(
+            "begin", [keys.tree(tree_id), keys.node(tree_id, node_id)], []
+        )
 
-        tree, node, open_runs, _ = self._run(read)
-        return tree, node, int(open_runs)
+        def pairs(flat: list[str]) -> dict[str, str]:
+            return dict(zip(flat[::2], flat[1::2], strict=True))
+
+        return pairs(tree), pairs(node), int(open_runs)
 
     def end_run(self, tree_id: str, node_id: str) -> None:
-        """A run ended without a crash (returned, retried or replaced)."""
+        """A run of an existing node ended without a crash (returned, retried or replaced)."""
         self._run(lambda: self.r.hincrby(keys.node(tree_id, node_id), "open_runs", -1))
 
     def gate(

@@ -1,0 +1,135 @@
+"""Test helpers: real worker processes and a scriptable OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """A real `celery -A workers worker` subprocess, its log in a file."""
+
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path, args: list[str] | None = None):
+        self.name = name
+        self.log = log_dir / f"{name.split('@')[0]}.log"
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", name,
+            "--loglevel", "INFO", *(args or []),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            if " ready." in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """kill -9: the crash a test wants."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+Handler = Callable[[dict[str, Any], int], tuple[int, dict[str, str], Any]]
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible chat completions server on 127.0.0.1, scripted by a handler.
+
+    The handler gets the request JSON and the 0-based request number and returns
+    (status, headers, body): a dict body is sent as JSON; the string "DROP" closes the socket.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer._lock:
+                    n = len(outer.requests)
+                    outer.requests.append(body)
+                status, headers, payload = outer.handler(body, n)
+                if payload == "DROP":
+                    self.connection.shutdown(2)
+                    return
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat(content: str, prompt_tokens: int = 10, completion_tokens: int = 5) -> dict[str, Any]:
+    """An OpenAI chat.completion response body."""
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def is_decide(body: dict[str, Any]) -> bool:
+    return str(body["messages"][0]["content"]).startswith("[tasktree:")
+
+
+def is_synthesis(body: dict[str, Any]) -> bool:
+    return str(body["messages"][-1]["content"]).startswith("[tasktree:synthesize]")
