@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ def _litellm(settings: Settings) -> Any:
 
         from tasktree.offline import PROVIDER, make_provider
 
+        logging.getLogger("LiteLLM").setLevel(logging.ERROR)
         litellm.telemetry = False
         litellm.suppress_debug_info = True
         litellm.drop_params = True

@@ -275,10 +275,16 @@ class NodeRun:
                 if "failed" in statuses
                 else ("budget_exhausted" if "budget_exhausted" in statuses else "cancelled")
             )
+            why = {
+                "failed": "every child failed",
+                "budget_exhausted": "budget spent before any child produced a result",
+                "cancelled": "tree cancelled before any child produced a result",
+            }[status]
             return self.finish(
                 status,
-                error="every child ended without a result" if status == "failed" else "",
-                result=agent.assemble(task, context, failed, status),
+                error=why if status == "failed" else "",
+                result=agent.assemble(task, context, failed, why),
+                note=why,
                 step="synthesize",
             )
         reply = agent.synthesize(self.call, persona, task, context, failed)
