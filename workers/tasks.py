@@ -89,7 +89,9 @@ def register(app: Celery) -> None:
                 )
                 for c in outcome.children
             ]
-            body = self.app.signature(SYNTHESIZE, args=(req.tree_id, req.node_id), immutable=True)
+            body = self.app.signature(
+                SYNTHESIZE, args=(req.tree_id, req.node_id), immutable=True
+            ).set(argsrepr=describe(req))
             raise self.replace(chord(header, body))
         return result_of(req.tree_id, req.node_id, outcome)
 
