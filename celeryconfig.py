@@ -14,7 +14,13 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 def config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for one settings object."""
     url = settings.redis_url or DEFAULT_URL
-    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    # A killed worker's messages come back after visibility_timeout, found by a sweep every
+    # restore_interval seconds (kombu's default sweep is 10 s x a throttle of 10).
+    transport: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
+    }
     backend_url = url
     if url.startswith(("sentinel://", "sentinels://")):
         from urllib.parse import parse_qs, urlparse
@@ -37,7 +43,9 @@ def config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": transport,
-        "result_backend_transport_options": dict(transport),
+        "result_backend_transport_options": {
+            k: v for k, v in transport.items() if k in ("visibility_timeout", "master_name")
+        },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "result_backend_always_retry": True,

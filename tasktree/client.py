@@ -36,7 +36,6 @@ class Client:
         """Write the tree and enqueue its root; on failure nothing is left behind."""
         from workers.tasks import NODE, describe
 
-        self.store.ping()
         tree_id = self.store.create_tree(spec)
         req = TaskRequest(
             task_id=f"{tree_id}/0",
@@ -81,7 +80,9 @@ class Client:
 def session(settings: Settings, worker: bool = False) -> Iterator[Client]:
     """A client; with no TASKTREE_REDIS_URL, on an embedded Redis (and worker, if asked)."""
     if settings.redis_url:
-        yield Client(settings)
+        client = Client(settings)
+        client.store.ping()  # an unreachable Redis is one quick error, not a long retry
+        yield client
         return
     import logging
 

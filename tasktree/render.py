@@ -33,7 +33,10 @@ def short(text: str, n: int = 60) -> str:
 
 
 def money(cost: float, unknown: bool) -> str:
-    return f"${cost:.4f}" + ("?" if unknown else "")
+    """Cost in USD; calls litellm could not price add nothing and are marked."""
+    if unknown and not cost:
+        return "unpriced"
+    return f"${cost:.4f}" + (" + unpriced" if unknown else "")
 
 
 def elapsed(node: Node) -> float:

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     node_queue: str = "tasktree"
     synth_queue: str = "tasktree.synthesize"
     visibility_timeout: int = Field(default=300, ge=1)
+    restore_interval: int = Field(default=5, ge=1)  # how often workers look for lost messages
+    redis_retry_seconds: float = Field(default=30.0, ge=0)  # ride out a Redis restart this long
     step_lease: float | None = Field(default=None, gt=0)  # default: llm_timeout + 30 s
     max_deliveries: int = Field(default=5, ge=1)
     events_maxlen: int = Field(default=10_000, ge=100)

@@ -38,11 +38,18 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
-def connect(url: str, settings: Settings | None = None) -> redis.Redis:
-    """A Redis client for the tree state, from a redis://, rediss://, unix:// or sentinel URL."""
+def connect(url: str, settings: Settings | None = None, patient: bool = True) -> redis.Redis:
+    """A Redis client for the tree state, from a redis://, rediss://, unix:// or sentinel URL.
+
+    A patient client retries connection errors for `redis_retry_seconds` (a Redis restart)."""
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
     opts: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    opts["socket_connect_timeout"] = 5
-    opts["retry_on_timeout"] = True
+    opts["socket_connect_timeout"] = 3
+    seconds = settings.redis_retry_seconds if settings and patient else 0.0
+    opts["retry"] = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), int(seconds / 0.75))
+    opts["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
     if url.startswith("rediss://") and settings is not None:
         opts["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
     if url.startswith(("sentinel://", "sentinels://")):
@@ -88,9 +95,10 @@ class Gate:
 class Store:
     """The tree state in Redis. All writes that belong together are one script or one MULTI."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, url: str = "") -> None:
         self.r = client
         self.settings = settings
+        self.url = url
         self._scripts = {
             name: client.register_script(_load_script(name))
             for name in ("begin", "gate", "record", "decide", "finish", "cancel")
@@ -101,7 +109,7 @@ class Store:
         url = url or settings.redis_url
         if not url:
             raise StoreError("no Redis URL: set TASKTREE_REDIS_URL")
-        return cls(connect(url, settings), settings)
+        return cls(connect(url, settings), settings, url)
 
     def _run(self, fn: Callable[[], T]) -> T:
         try:
@@ -117,7 +125,9 @@ class Store:
         return self._run(lambda: self._scripts[name](keys=keys_, args=args))
 
     def ping(self) -> None:
-        self._run(self.r.ping)
+        """Fail fast (no retries) when Redis cannot be reached at all."""
+        quick = connect(self.url, self.settings, patient=False) if self.url else self.r
+        self._run(quick.ping)
 
     # -- writes -------------------------------------------------------------------------
 
