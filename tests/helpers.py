@@ -133,3 +133,40 @@ def is_decide(body: dict[str, Any]) -> bool:
 
 def is_synthesis(body: dict[str, Any]) -> bool:
     return str(body["messages"][-1]["content"]).startswith("[tasktree:synthesize]")
+
+
+class RedisServer:
+    """A redis-server of the test's own: its port, its data directory, its options."""
+
+    def __init__(self, data_dir: Path, *args: str, exe: str | None = None, port: int | None = None):
+        from tasktree.embedded import free_port, redis_server_path
+
+        self.exe = exe or redis_server_path()
+        self.port = port or free_port()
+        self.dir = data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready_url: str | None = None, **client_kw: Any) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--logfile", "redis.log", *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        url = ready_url or f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis.from_url(url, **client_kw).ping()
+                return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.05)
+        raise RuntimeError((self.dir / "redis.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: Redis flushes its append-only file and exits
+            self.proc.wait(timeout=20)
