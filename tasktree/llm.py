@@ -47,7 +47,7 @@ def _litellm(settings: Settings) -> Any:
         logging.getLogger("LiteLLM").setLevel(logging.ERROR)
         litellm.telemetry = False
         litellm.suppress_debug_info = True
-        litellm.drop_params = True
+        # No litellm.drop_params: with it, litellm answers a 422 with None instead of an error.
         litellm.custom_provider_map = [
             {"provider": PROVIDER, "custom_handler": make_provider(settings)}
         ]
@@ -72,6 +72,13 @@ def _litellm(settings: Settings) -> Any:
 def warm(settings: Settings) -> None:
     """Pay litellm's import cost now (at worker start) rather than on the first node."""
     _litellm(settings)
+
+
+def _supports_json_mode(litellm: Any, model: str) -> bool:
+    try:
+        return "response_format" in (litellm.get_supported_openai_params(model=model) or [])
+    except Exception:  # litellm raises for providers it does not know
+        return False
 
 
 def _retry_after(e: Exception) -> float | None:
@@ -124,7 +131,7 @@ def complete(
             kwargs["api_base"] = settings.api_base
         if settings.api_key:
             kwargs["api_key"] = settings.api_key.get_secret_value()
-        if json_mode:
+        if json_mode and _supports_json_mode(litellm, model):
             kwargs["response_format"] = {"type": "json_object"}
     start = time.perf_counter()
     try:
@@ -132,7 +139,10 @@ def complete(
     except Exception as e:  # litellm maps every provider error onto its own classes
         raise _translate(e, model) from None
     latency = time.perf_counter() - start
-    text = resp.choices[0].message.content or ""
+    choices = getattr(resp, "choices", None)
+    if not choices:  # seen when the connection drops mid-response
+        raise TransientLLMError(f"{model}: empty response (no choices)")
+    text = choices[0].message.content or ""
     usage = getattr(resp, "usage", None)
     prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tasktree import agent
-from tasktree.errors import LLMError, NotFoundError, TransientLLMError
+from tasktree.errors import LLMError, NotFoundError, StoreError, TransientLLMError
 from tasktree.llm import Reply
 from tasktree.models import Node
 from tasktree.proto import TaskRequest
@@ -145,6 +145,11 @@ class NodeRun:
                 )
             except LLMError as e:
                 return self.finish("failed", error=str(e), step=step)
+            except StoreError:
+                raise  # Redis is away: the task retries later
+            except Exception as e:  # a bug: log it, fail this node, and let the tree go on
+                log.exception("node %s of tree %s crashed", self.node_id, self.tree_id)
+                return self.finish("failed", error=f"internal error: {type(e).__name__}: {e}", step=step)
         finally:
             self.store.end_run(self.tree_id, self.node_id)
 

@@ -8,7 +8,7 @@ from tasktree.models import TreeSpec
 from tests.helpers import FakeOpenAI, chat, is_decide, is_synthesis
 
 
-def test_agent_talks_to_an_openai_compatible_server(client, start_workers) -> None:
+def test_agent_talks_to_an_openai_compatible_server(client, start_workers, r) -> None:
     def handler(body, n):
         if is_decide(body):
             if "two parts" in body["messages"][1]["content"]:
@@ -21,7 +21,7 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers) -> No
         return 200, {}, chat(f"ANSWER to {body['messages'][1]['content'][:20]}")
 
     with FakeOpenAI(handler) as server:
-        start_workers(1, extra_env={"TASKTREE_MODEL": "openai/fake-model", "TASKTREE_API_BASE": server.url,
+        (worker,) = start_workers(1, extra_env={"TASKTREE_MODEL": "openai/fake-model", "TASKTREE_API_BASE": server.url,
                                     "TASKTREE_API_KEY": "sk-test-secret"})
         tid = client.submit(TreeSpec.build(client.settings, "A task with two parts."))
         tree = client.wait(tid)
@@ -35,3 +35,7 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers) -> No
     assert all(b["model"] == "fake-model" for b in server.requests)
     assert tree.calls == 6 and tree.prompt_tokens == 5 * 10 + 30 and tree.completion_tokens == 5 * 5 + 7
     assert {n.model for n in tree.nodes} == {"openai/fake-model"}
+    # The key reached the provider, and nothing else: not the tree, its events, or the log.
+    assert all(body.get("api_key") is None for body in server.requests)
+    assert all("sk-test-secret" not in str(r.dump(k)) for k in r.keys("*"))
+    assert "sk-test-secret" not in worker.log.read_text()
