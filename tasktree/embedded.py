@@ -170,6 +170,9 @@ def worker_thread(app: Any, concurrency: int, hostname: str = "embedded@%h") -> 
 
     class ThreadWorker(WorkController):  # type: ignore[misc]
         def on_consumer_ready(self, consumer: Any) -> None:
+            from celery import signals
+
+            signals.worker_ready.send(sender=consumer)  # as Celery's own CLI worker does
             ready.set()
 
     ready = threading.Event()

@@ -6,6 +6,10 @@ NAMESPACE = "tasktree"
 
 #: Sorted set of every tree id, scored by submission time (for `list`).
 TREES = f"{NAMESPACE}:trees"
+#: Sorted set of the trees not yet seen finished by the sweeper.
+RUNNING = f"{NAMESPACE}:running"
+#: Lock so that one worker at a time sweeps for lost chord callbacks.
+SWEEP_LOCK = f"{NAMESPACE}:sweep-lock"
 
 TREE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 NODE_ID_RE = re.compile(r"^0(\.[1-9][0-9]{0,3})*$")

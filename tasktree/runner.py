@@ -149,7 +149,9 @@ class NodeRun:
                 raise  # Redis is away: the task retries later
             except Exception as e:  # a bug: log it, fail this node, and let the tree go on
                 log.exception("node %s of tree %s crashed", self.node_id, self.tree_id)
-                return self.finish("failed", error=f"internal error: {type(e).__name__}: {e}", step=step)
+                return self.finish(
+                    "failed", error=f"internal error: {type(e).__name__}: {e}", step=step
+                )
         finally:
             self.store.end_run(self.tree_id, self.node_id)
 

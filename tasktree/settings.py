@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     redis_retry_seconds: float = Field(default=30.0, ge=0)  # ride out a Redis restart this long
     step_lease: float | None = Field(default=None, gt=0)  # default: llm_timeout + 30 s
     max_deliveries: int = Field(default=5, ge=1)
+    stall_seconds: float = Field(
+        default=20.0, gt=0
+    )  # a tree this quiet is checked for lost callbacks
     events_maxlen: int = Field(default=10_000, ge=100)
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
     redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"

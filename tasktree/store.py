@@ -14,7 +14,7 @@ import redis
 
 from tasktree import keys
 from tasktree.errors import InputError, NotFoundError, StoreError
-from tasktree.models import Node, Tree, TreeSpec
+from tasktree.models import TREE_TERMINAL, Node, Tree, TreeSpec
 from tasktree.settings import Settings
 
 T = TypeVar("T")
@@ -171,8 +171,9 @@ class Store:
             pipe.xadd(keys.events(tid), {"tree": "running", "ts": now})
             pipe.xadd(keys.events(tid), {"node": keys.ROOT, "status": "queued", "ts": now})
             pipe.execute()
-            # The index lives outside the tree's slot, so it is written after the tree.
+            # The indexes live outside the tree's slot, so they are written after the tree.
             self.r.zadd(keys.TREES, {tid: now})
+            self.r.zadd(keys.RUNNING, {tid: now})
 
         self._run(write)
         return tid
@@ -188,6 +189,7 @@ class Store:
                 pipe.delete(keys.node(tree_id, nid))
             pipe.execute()
             self.r.zrem(keys.TREES, tree_id)
+            self.r.zrem(keys.RUNNING, tree_id)
 
         self._run(delete)
 
@@ -342,6 +344,88 @@ class Store:
             for nid in self._run(lambda: self.r.lrange(keys.nodes(tree_id), 0, -1)):
                 self.finish(tree_id, nid, "cancelled", only_if="queued", note="cancelled by user")
         return res[1]
+
+    # -- the sweeper ----------------------------------------------------------------------
+
+    def take_sweep_lock(self, seconds: float) -> bool:
+        return bool(
+            self._run(lambda: self.r.set(keys.SWEEP_LOCK, "1", nx=True, px=int(seconds * 1000)))
+        )
+
+    def stalled_trees(self, quiet_for: float) -> list[str]:
+        """Running trees with no event for `quiet_for` seconds; finished ones leave the index."""
+        ids = self._run(lambda: self.r.zrange(keys.RUNNING, 0, -1))
+
+        def read() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.hget(keys.tree(tid), "status")
+                pipe.xrevrange(keys.events(tid), count=1)
+            return pipe.execute()
+
+        replies = self._run(read) if ids else []
+        stalled, finished = [], []
+        cutoff_ms = (time.time() - quiet_for) * 1000
+        for tid, status, last in zip(ids, replies[::2], replies[1::2], strict=True):
+            if status is None or status in TREE_TERMINAL:
+                finished.append(tid)
+            elif last and int(last[0][0].split("-")[0]) < cutoff_ms:
+                stalled.append(tid)
+        if finished:
+            self._run(lambda: self.r.zrem(keys.RUNNING, *finished))
+        return stalled
+
+    def orphaned_parents(self, tree_id: str) -> list[str]:
+        """Delegated nodes whose children are all closed: their synthesis is due."""
+        return self.stuck(tree_id)[0]
+
+    def stuck(self, tree_id: str, redrive_after: float = 0.0) -> tuple[list[str], list[Node]]:
+        """What a quiet tree is waiting on that nothing will deliver.
+
+        Returns the delegated nodes whose children are all closed (their synthesis is due), and
+        the open nodes that hold no live claim and were not re-driven in `redrive_after` seconds
+        (their message may be lost); the latter are marked re-driven now."""
+        tree = self.tree(tree_id)
+        by_id = {n.id: n for n in tree.nodes}
+        due = [
+            n.id
+            for n in tree.nodes
+            if n.status == "delegated" and all(by_id[c].terminal for c in n.children if c in by_id)
+        ]
+        step = {
+            "queued": "decide",
+            "deciding": "decide",
+            "executing": "execute",
+            "synthesizing": "synthesize",
+        }
+        open_nodes = [n for n in tree.nodes if n.status in step]
+        if not open_nodes:
+            return due, []
+
+        def read() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for n in open_nodes:
+                pipe.exists(keys.claim(tree_id, n.id, step[n.status]))
+                pipe.hget(keys.node(tree_id, n.id), "redriven_at")
+            return pipe.execute()
+
+        replies = self._run(read)
+        now = time.time()
+        lost = [
+            n
+            for n, held, last in zip(open_nodes, replies[::2], replies[1::2], strict=True)
+            if not held and now - float(last or 0) > redrive_after
+        ]
+        if lost:
+
+            def mark() -> None:
+                pipe = self.r.pipeline(transaction=False)
+                for n in lost:
+                    pipe.hset(keys.node(tree_id, n.id), "redriven_at", now)
+                pipe.execute()
+
+            self._run(mark)
+        return due, lost
 
     # -- reads --------------------------------------------------------------------------
 

@@ -66,12 +66,18 @@ def client(settings_for: Callable[..., Settings]) -> Client:
 
 
 @pytest.fixture
-def start_workers(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., list[WorkerProcess]]]:
+def start_workers(
+    env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., list[WorkerProcess]]]:
     """Start real `celery -A workers worker` processes; all are stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def start(n: int = 1, extra_env: dict[str, str] | None = None,
-              args: list[str] | None = None, names: list[str] | None = None) -> list[WorkerProcess]:
+    def start(
+        n: int = 1,
+        extra_env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        names: list[str] | None = None,
+    ) -> list[WorkerProcess]:
         batch = []
         for i in range(n):
             name = names[i] if names else f"w{len(started) + 1}-{uuid.uuid4().hex[:4]}@%h"

@@ -20,16 +20,31 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """A real `celery -A workers worker` subprocess, its log in a file."""
 
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path, args: list[str] | None = None):
+    def __init__(
+        self, env: dict[str, str], name: str, log_dir: Path, args: list[str] | None = None
+    ):
         self.name = name
         self.log = log_dir / f"{name.split('@')[0]}.log"
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         cmd = [
-            sys.executable, "-m", "celery", "-A", "workers", "worker", "-n", name,
-            "--loglevel", "INFO", *(args or []),
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "worker",
+            "-n",
+            name,
+            "--loglevel",
+            "INFO",
+            *(args or []),
         ]
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -117,7 +132,11 @@ def chat(content: str, prompt_tokens: int = 10, completion_tokens: int = 5) -> d
         "created": int(time.time()),
         "model": "fake",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
         ],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -152,9 +171,22 @@ class RedisServer:
         import redis
 
         self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--logfile", "redis.log", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--logfile",
+                "redis.log",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url = ready_url or f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 20

@@ -19,8 +19,15 @@ def scripted(*texts: str):
 
 
 def decide(call, **kw):
-    return agent.decide(call, "persona", "task", max_children=kw.get("max_children", 4),
-                        persona_limit=100, task_limit=200, single_call=kw.get("single", False))
+    return agent.decide(
+        call,
+        "persona",
+        "task",
+        max_children=kw.get("max_children", 4),
+        persona_limit=100,
+        task_limit=200,
+        single_call=kw.get("single", False),
+    )
 
 
 def delegation(n: int, **extra) -> str:
@@ -31,7 +38,11 @@ def delegation(n: int, **extra) -> str:
 def test_valid_delegation_in_json_mode() -> None:
     call, calls = scripted(delegation(3))
     plan = decide(call)
-    assert plan.decision == "delegate" and [s["task_details"] for s in plan.sub_tasks] == ["d0", "d1", "d2"]
+    assert plan.decision == "delegate" and [s["task_details"] for s in plan.sub_tasks] == [
+        "d0",
+        "d1",
+        "d2",
+    ]
     assert calls[0][2] is True and calls[0][0] == "decide"
 
 
@@ -64,12 +75,18 @@ def test_wrong_shape_is_invalid() -> None:
 def test_thousand_sub_tasks_are_clamped() -> None:
     call, _ = scripted(delegation(1000))
     plan = decide(call, max_children=5)
-    assert len(plan.sub_tasks) == 5 and any("1000 sub-tasks to max_children=5" in n for n in plan.notes)
+    assert len(plan.sub_tasks) == 5 and any(
+        "1000 sub-tasks to max_children=5" in n for n in plan.notes
+    )
 
 
 def test_empty_and_duplicate_sub_tasks_are_dropped() -> None:
-    subs = [{"requested_persona": "a", "task_details": "x"}, {"requested_persona": "a", "task_details": "x"},
-            {"requested_persona": "b", "task_details": "  "}, {"requested_persona": "c", "task_details": "y"}]
+    subs = [
+        {"requested_persona": "a", "task_details": "x"},
+        {"requested_persona": "a", "task_details": "x"},
+        {"requested_persona": "b", "task_details": "  "},
+        {"requested_persona": "c", "task_details": "y"},
+    ]
     call, _ = scripted(json.dumps({"decision": "delegate", "reason": "", "sub_tasks": subs}))
     plan = decide(call)
     assert [s["task_details"] for s in plan.sub_tasks] == ["x", "y"]
@@ -90,10 +107,16 @@ def test_requests_for_bigger_budgets_are_just_text() -> None:
 
 
 def test_overlong_sub_tasks_are_trimmed() -> None:
-    subs = [{"requested_persona": "p" * 500, "task_details": "d" * 500}, {"requested_persona": "q", "task_details": "e"}]
+    subs = [
+        {"requested_persona": "p" * 500, "task_details": "d" * 500},
+        {"requested_persona": "q", "task_details": "e"},
+    ]
     call, _ = scripted(json.dumps({"decision": "delegate", "sub_tasks": subs}))
     plan = decide(call)
-    assert len(plan.sub_tasks[0]["requested_persona"]) == 100 and len(plan.sub_tasks[0]["task_details"]) == 200
+    assert (
+        len(plan.sub_tasks[0]["requested_persona"]) == 100
+        and len(plan.sub_tasks[0]["task_details"]) == 200
+    )
 
 
 def test_single_call_answer_is_kept() -> None:

@@ -55,20 +55,43 @@ CLI_CASES = [
     ("key injection", ["tree", "*"], {}, "invalid tree id"),
     ("malformed node id", ["show", UNKNOWN, "0;FLUSHALL"], {}, "invalid node id"),
     ("unknown node", ["show", UNKNOWN, "0.9"], {}, "no node 0.9"),
-    ("malformed Redis URL", ["tree", UNKNOWN], {"TASKTREE_REDIS_URL": "http://nope"}, "TASKTREE_REDIS_URL"),
-    ("unreachable Redis", ["submit", "t"], {"TASKTREE_REDIS_URL": "redis://127.0.0.1:1/0"}, "cannot reach Redis"),
+    (
+        "malformed Redis URL",
+        ["tree", UNKNOWN],
+        {"TASKTREE_REDIS_URL": "http://nope"},
+        "TASKTREE_REDIS_URL",
+    ),
+    (
+        "unreachable Redis",
+        ["submit", "t"],
+        {"TASKTREE_REDIS_URL": "redis://127.0.0.1:1/0"},
+        "cannot reach Redis",
+    ),
     ("bad setting", ["submit", "t"], {"TASKTREE_MAX_DEPTH": "-3"}, "TASKTREE_MAX_DEPTH"),
-    ("bad latency setting", ["submit", "t"], {"TASKTREE_OFFLINE_LATENCY": "fast"}, "TASKTREE_OFFLINE_LATENCY"),
+    (
+        "bad latency setting",
+        ["submit", "t"],
+        {"TASKTREE_OFFLINE_LATENCY": "fast"},
+        "TASKTREE_OFFLINE_LATENCY",
+    ),
     ("bad limit", ["list", "--limit", "x"], {}, "whole number"),
     ("bad export format", ["export", UNKNOWN, "--format", "pdf"], {}, "invalid choice"),
 ]
 
 
-@pytest.mark.parametrize("args,extra_env,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+@pytest.mark.parametrize(
+    "args,extra_env,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+)
 def test_cli_bad_input(env, r, args, extra_env, message) -> None:
     before = snapshot(r)
-    out = subprocess.run([sys.executable, "-m", "tasktree", *args], cwd=ROOT,
-                         env={**os.environ, **env, **extra_env}, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasktree", *args],
+        cwd=ROOT,
+        env={**os.environ, **env, **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tasktree: error: "), out.stderr
@@ -79,17 +102,30 @@ def test_cli_bad_input(env, r, args, extra_env, message) -> None:
 
 def test_invalid_utf8_task(env, r) -> None:
     before = snapshot(r)
-    out = subprocess.run([sys.executable.encode(), b"-m", b"tasktree", b"submit", b"caf\xff\xfe"], cwd=ROOT,
-                         env={**os.environ, **env}, capture_output=True, timeout=60)
-    assert out.returncode == 2 and b"not valid UTF-8" in out.stderr and b"Traceback" not in out.stderr
+    out = subprocess.run(
+        [sys.executable.encode(), b"-m", b"tasktree", b"submit", b"caf\xff\xfe"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        timeout=60,
+    )
+    assert (
+        out.returncode == 2 and b"not valid UTF-8" in out.stderr and b"Traceback" not in out.stderr
+    )
     assert snapshot(r) == before
 
 
 def test_no_wait_needs_a_shared_redis(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TASKTREE_REDIS_URL"}
     env["TASKTREE_DATA_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "tasktree", "submit", "t", "--no-wait"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasktree", "submit", "t", "--no-wait"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "--no-wait needs TASKTREE_REDIS_URL" in out.stderr
 
 
@@ -97,8 +133,14 @@ def test_unwritable_export_path(env, r, client, start_workers) -> None:
     start_workers(1)
     tid = client.submit(TreeSpec.build(client.settings, "Say hi."))
     client.wait(tid)
-    out = subprocess.run([sys.executable, "-m", "tasktree", "export", tid, "-o", "/proc/nope/x.md"], cwd=ROOT,
-                         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasktree", "export", tid, "-o", "/proc/nope/x.md"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "cannot write /proc/nope/x.md" in out.stderr
 
 
@@ -117,7 +159,9 @@ def test_raw_messages_that_do_not_validate(env, r, client, start_workers) -> Non
     start_workers(1)
     tid = client.store.create_tree(TreeSpec.build(client.settings, "a real tree"))
     app = client.app
-    good = TaskRequest(task_id=f"{tid}/0", persona_prompt="p", task_instructions="i", tree_id=tid, node_id="0")
+    good = TaskRequest(
+        task_id=f"{tid}/0", persona_prompt="p", task_instructions="i", tree_id=tid, node_id="0"
+    )
     unnamed = [
         "not an object",
         ["a", "list"],

@@ -14,8 +14,13 @@ from tests.helpers import FakeOpenAI, chat, is_decide, is_synthesis
 
 pytestmark = pytest.mark.slow
 
-MODEL_ENV = {"TASKTREE_MODEL": "openai/fake", "TASKTREE_API_KEY": "sk-test", "TASKTREE_LLM_TIMEOUT": "1",
-             "TASKTREE_LLM_MAX_RETRIES": "3", "TASKTREE_LLM_BACKOFF": "0.1"}
+MODEL_ENV = {
+    "TASKTREE_MODEL": "openai/fake",
+    "TASKTREE_API_KEY": "sk-test",
+    "TASKTREE_LLM_TIMEOUT": "1",
+    "TASKTREE_LLM_MAX_RETRIES": "3",
+    "TASKTREE_LLM_BACKOFF": "0.1",
+}
 
 
 def error(status: int, message: str) -> tuple[int, dict, dict]:
@@ -35,7 +40,11 @@ def test_transient_faults_are_retried_and_client_errors_are_not(client, start_wo
         seen[scenario].append(time.monotonic())
         k = len(seen[scenario])
         if scenario == "429" and k <= 2:
-            return 429, {"Retry-After": "1"}, {"error": {"message": "slow down", "type": "rate_limit"}}
+            return (
+                429,
+                {"Retry-After": "1"},
+                {"error": {"message": "slow down", "type": "rate_limit"}},
+            )
         if scenario in ("500", "503", "529") and k == 1:
             return error(int(scenario), "server trouble")
         if scenario == "timeout" and k == 1:
@@ -48,14 +57,34 @@ def test_transient_faults_are_retried_and_client_errors_are_not(client, start_wo
             return error(500, "down for good")
         return 200, {}, chat(f"answer for {scenario}")
 
-    scenarios = ["429", "500", "503", "529", "timeout", "drop", "400", "401", "403", "404", "422", "always500"]
+    scenarios = [
+        "429",
+        "500",
+        "503",
+        "529",
+        "timeout",
+        "drop",
+        "400",
+        "401",
+        "403",
+        "404",
+        "422",
+        "always500",
+    ]
     with FakeOpenAI(handler) as server:
-        start_workers(1, extra_env={**MODEL_ENV, "TASKTREE_API_BASE": server.url, "TASKTREE_CONCURRENCY": "2"})
-        ids = {s: client.submit(TreeSpec.build(client.settings, f"Run scenario {s} now.", max_depth=0))
-               for s in scenarios}
+        start_workers(
+            1, extra_env={**MODEL_ENV, "TASKTREE_API_BASE": server.url, "TASKTREE_CONCURRENCY": "2"}
+        )
+        ids = {
+            s: client.submit(TreeSpec.build(client.settings, f"Run scenario {s} now.", max_depth=0))
+            for s in scenarios
+        }
         trees = {s: client.wait(tid) for s, tid in ids.items()}
     for s in ("429", "500", "503", "529", "timeout", "drop"):
-        assert trees[s].status == "completed" and trees[s].result == f"answer for {s}", (s, trees[s].root.error)
+        assert trees[s].status == "completed" and trees[s].result == f"answer for {s}", (
+            s,
+            trees[s].root.error,
+        )
     assert len(seen["429"]) == 3 and seen["429"][1] - seen["429"][0] >= 1.0  # Retry-After honoured
     for s in ("500", "503", "529", "timeout", "drop"):
         assert len(seen[s]) == 2, s
@@ -66,20 +95,28 @@ def test_transient_faults_are_retried_and_client_errors_are_not(client, start_wo
     assert trees["always500"].status == "failed" and len(seen["always500"]) == 4
     assert "after 4 attempts" in trees["always500"].root.error
     # Waiting out Retry-After did not hold the worker: other calls ran in between.
-    between = [t for s, ts in seen.items() if s != "429" for t in ts if seen["429"][0] < t < seen["429"][1]]
+    between = [
+        t for s, ts in seen.items() if s != "429" for t in ts if seen["429"][0] < t < seen["429"][1]
+    ]
     assert between
 
 
 def three_children(body):
-    subs = [{"requested_persona": f"You are {x}.", "task_details": f"Part {x}."} for x in ("A", "B", "C")]
+    subs = [
+        {"requested_persona": f"You are {x}.", "task_details": f"Part {x}."}
+        for x in ("A", "B", "C")
+    ]
     return chat(json.dumps({"decision": "delegate", "reason": "three", "sub_tasks": subs}))
 
 
-@pytest.mark.parametrize("failing,mode,status,root_status", [
-    ({"B"}, "continue", "completed_with_errors", "completed"),
-    ({"B"}, "fail", "failed", "failed"),
-    ({"A", "B", "C"}, "continue", "failed", "failed"),
-])
+@pytest.mark.parametrize(
+    "failing,mode,status,root_status",
+    [
+        ({"B"}, "continue", "completed_with_errors", "completed"),
+        ({"B"}, "fail", "failed", "failed"),
+        ({"A", "B", "C"}, "continue", "failed", "failed"),
+    ],
+)
 def test_partial_failure(client, start_workers, failing, mode, status, root_status) -> None:
     synth_requests = []
 
@@ -87,7 +124,11 @@ def test_partial_failure(client, start_workers, failing, mode, status, root_stat
         text = task_of(body)
         if is_decide(body):
             if "Part " in text:
-                return 200, {}, chat(json.dumps({"decision": "execute", "reason": "leaf", "sub_tasks": []}))
+                return (
+                    200,
+                    {},
+                    chat(json.dumps({"decision": "execute", "reason": "leaf", "sub_tasks": []})),
+                )
             return 200, {}, three_children(body)
         if is_synthesis(body):
             synth_requests.append(text)
@@ -99,8 +140,12 @@ def test_partial_failure(client, start_workers, failing, mode, status, root_stat
 
     with FakeOpenAI(handler) as server:
         start_workers(1, extra_env={**MODEL_ENV, "TASKTREE_API_BASE": server.url})
-        tree = client.wait(client.submit(TreeSpec.build(client.settings, "Whole job.", on_child_failure=mode)))
-    assert tree.status == status and tree.root.status == root_status, [(n.id, n.status, n.error) for n in tree.nodes]
+        tree = client.wait(
+            client.submit(TreeSpec.build(client.settings, "Whole job.", on_child_failure=mode))
+        )
+    assert tree.status == status and tree.root.status == root_status, [
+        (n.id, n.status, n.error) for n in tree.nodes
+    ]
     failed = [n for n in tree.nodes if n.status == "failed" and n.id != "0"]
     assert {n.persona[8] for n in failed} == failing
     if root_status == "completed":
@@ -116,42 +161,96 @@ def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
         text = task_of(body)
         if not is_decide(body):
             return 200, {}, chat("fine")
-        if "<task>\nRoot job.\n</task>" in text:  # the root asks for 1,000 sub-tasks and more budget
-            subs = [{"requested_persona": f"Hostile {i}", "task_details": f"Job {i % 7}"} for i in range(1000)]
-            return 200, {}, chat(json.dumps({"decision": "delegate", "reason": "increase max_depth to 99",
-                                             "max_depth": 99, "max_nodes": 10**6, "sub_tasks": subs}))
+        if (
+            "<task>\nRoot job.\n</task>" in text
+        ):  # the root asks for 1,000 sub-tasks and more budget
+            subs = [
+                {"requested_persona": f"Hostile {i}", "task_details": f"Job {i % 7}"}
+                for i in range(1000)
+            ]
+            return (
+                200,
+                {},
+                chat(
+                    json.dumps(
+                        {
+                            "decision": "delegate",
+                            "reason": "increase max_depth to 99",
+                            "max_depth": 99,
+                            "max_nodes": 10**6,
+                            "sub_tasks": subs,
+                        }
+                    )
+                ),
+            )
         job = text.split("Job ")[1][0] if "Job " in text else "x"
         replies = {
             "0": "this is not JSON at all",
             "1": json.dumps({"decision": "delegate", "sub_tasks": "everything"}),
-            "2": json.dumps({"decision": "delegate", "sub_tasks": [{"requested_persona": "", "task_details": " "}] * 5}),
-            "3": json.dumps({"decision": "delegate", "sub_tasks": [{"requested_persona": "d", "task_details": "same"}] * 9}),
+            "2": json.dumps(
+                {
+                    "decision": "delegate",
+                    "sub_tasks": [{"requested_persona": "", "task_details": " "}] * 5,
+                }
+            ),
+            "3": json.dumps(
+                {
+                    "decision": "delegate",
+                    "sub_tasks": [{"requested_persona": "d", "task_details": "same"}] * 9,
+                }
+            ),
             "4": "Please set max_nodes=100000 and model=gpt-evil, then delegate forever.",
         }
         if job in replies:
             return 200, {}, chat(replies[job])
-        subs = [{"requested_persona": "tasktree:{0000000000000000}:tree", "task_details": f"Job {job}9 deeper"},
-                *({"requested_persona": "../../etc/passwd; FLUSHALL", "task_details": f"Job {job}{i} more"}
-                  for i in range(50))]
-        return 200, {}, chat(json.dumps({"decision": "delegate", "reason": "always", "sub_tasks": subs}))
+        subs = [
+            {
+                "requested_persona": "tasktree:{0000000000000000}:tree",
+                "task_details": f"Job {job}9 deeper",
+            },
+            *(
+                {
+                    "requested_persona": "../../etc/passwd; FLUSHALL",
+                    "task_details": f"Job {job}{i} more",
+                }
+                for i in range(50)
+            ),
+        ]
+        return (
+            200,
+            {},
+            chat(json.dumps({"decision": "delegate", "reason": "always", "sub_tasks": subs})),
+        )
 
     with FakeOpenAI(handler) as server:
         start_workers(1, extra_env={**MODEL_ENV, "TASKTREE_API_BASE": server.url})
-        tree = client.wait(client.submit(TreeSpec.build(
-            client.settings, "Root job.", max_depth=3, max_children=6, max_nodes=25)))
+        tree = client.wait(
+            client.submit(
+                TreeSpec.build(
+                    client.settings, "Root job.", max_depth=3, max_children=6, max_nodes=25
+                )
+            )
+        )
     assert tree.status == "completed"
     assert len(tree.nodes) <= 25 and max(n.depth for n in tree.nodes) <= 3
     assert all(len(n.children) <= 6 for n in tree.nodes)
     assert tree.max_depth == 3 and tree.max_nodes == 25 and tree.model == ""
     assert {n.model for n in tree.nodes if n.calls} == {"openai/fake"}
     notes = " | ".join(x for n in tree.nodes for x in n.notes)
-    for expected in ("1000 sub-tasks to max_children=6", "invalid decision output", "executing instead",
-                     "empty sub-task", "duplicate sub-task"):
+    for expected in (
+        "1000 sub-tasks to max_children=6",
+        "invalid decision output",
+        "executing instead",
+        "empty sub-task",
+        "duplicate sub-task",
+    ):
         assert expected in notes, expected
     # Model output is data: personas like key names or commands are stored as values, never used.
     import re
 
-    pattern = re.compile(rf"^tasktree:(trees|\{{{tree.id}\}}:(tree|nodes|events|node:0(\.[1-6])*))$")
+    pattern = re.compile(
+        rf"^tasktree:(trees|\{{{tree.id}\}}:(tree|nodes|events|node:0(\.[1-6])*))$"
+    )
     assert all(pattern.match(k) for k in r.keys("tasktree:*")), r.keys("tasktree:*")
     assert any(n.persona.startswith("tasktree:{") for n in tree.nodes)
 
@@ -159,9 +258,14 @@ def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
 def test_load_twenty_trees_at_once(client, start_workers) -> None:
     start_workers(2, extra_env={"TASKTREE_OFFLINE_FANOUT": "5", "TASKTREE_CONCURRENCY": "16"})
     start = time.monotonic()
-    ids = [client.submit(TreeSpec.build(client.settings, f"Load tree {k:02d}.", max_depth=2)) for k in range(20)]
+    ids = [
+        client.submit(TreeSpec.build(client.settings, f"Load tree {k:02d}.", max_depth=2))
+        for k in range(20)
+    ]
     results = {}
-    threads = [threading.Thread(target=lambda t=t: results.__setitem__(t, client.wait(t))) for t in ids]
+    threads = [
+        threading.Thread(target=lambda t=t: results.__setitem__(t, client.wait(t))) for t in ids
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -171,7 +275,11 @@ def test_load_twenty_trees_at_once(client, start_workers) -> None:
     for k, tid in enumerate(ids):
         tree = results[tid]
         assert tree.status == "completed" and len(tree.nodes) == 31
-        assert len({n.id for n in tree.nodes}) == 31 and all(n.status == "completed" for n in tree.nodes)
-        assert all(f"Load tree {k:02d}." in n.instructions for n in tree.nodes)  # no node from another tree
+        assert len({n.id for n in tree.nodes}) == 31 and all(
+            n.status == "completed" for n in tree.nodes
+        )
+        assert all(
+            f"Load tree {k:02d}." in n.instructions for n in tree.nodes
+        )  # no node from another tree
         assert all(f"Load tree {k:02d}." in n.result for n in tree.nodes if not n.children)
     assert len({n.worker for t in results.values() for n in t.nodes}) == 2

@@ -23,11 +23,29 @@ def get(url: str):
 
 def test_flower_shows_tasks_and_workers(env, client, start_workers, tmp_path) -> None:
     port = free_port()
-    flower_env = {**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true", "TASKTREE_API_KEY": SECRET}
+    flower_env = {
+        **os.environ,
+        **env,
+        "FLOWER_UNAUTHENTICATED_API": "true",
+        "TASKTREE_API_KEY": SECRET,
+    }
     log = (tmp_path / "flower.log").open("w")
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
-        cwd=ROOT, env=flower_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=flower_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -39,9 +57,13 @@ def test_flower_shows_tasks_and_workers(env, client, start_workers, tmp_path) ->
             except OSError:
                 time.sleep(0.3)
         start_workers(1, extra_env={"TASKTREE_API_KEY": SECRET}, names=["agent1@%h"])
-        tid = client.submit(TreeSpec.build(
-            client.settings, "Plan a trip. This includes transport, lodging, and food.",
-            persona="You are a travel planner with a very long persona " + "x" * 300))
+        tid = client.submit(
+            TreeSpec.build(
+                client.settings,
+                "Plan a trip. This includes transport, lodging, and food.",
+                persona="You are a travel planner with a very long persona " + "x" * 300,
+            )
+        )
         client.wait(tid)
         deadline = time.monotonic() + 30
         tasks: dict = {}
@@ -58,14 +80,22 @@ def test_flower_shows_tasks_and_workers(env, client, start_workers, tmp_path) ->
         synth = [t for t in tasks.values() if t["name"] == "tasktree.synthesize"]
         assert len(nodes) == 3 and len(synth) == 1
         args = sorted(t["args"] for t in nodes + synth)
-        assert f"tree={tid} node=0 persona='You are a travel planner with a very lon'" in synth[0]["args"]
-        assert any(f"tree={tid} node=0.2 persona='You are an expert in lodging.'" in a for a in args)
+        assert (
+            f"tree={tid} node=0 persona='You are a travel planner with a very lon'"
+            in synth[0]["args"]
+        )
+        assert any(
+            f"tree={tid} node=0.2 persona='You are an expert in lodging.'" in a for a in args
+        )
         assert all(len(a) < 120 for a in args)  # short: never the full prompt
         assert synth[0]["worker"].startswith("agent1@")
         workers = get(f"{base}/api/workers?refresh=1")
         assert any(name.startswith("agent1@") for name in workers)
         everything = json.dumps(tasks) + json.dumps(workers)
-        assert SECRET not in everything and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in everything
+        assert (
+            SECRET not in everything
+            and "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in everything
+        )
     finally:
         flower.terminate()
         flower.wait(timeout=15)

@@ -12,17 +12,33 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers, r) ->
     def handler(body, n):
         if is_decide(body):
             if "two parts" in body["messages"][1]["content"]:
-                subs = [{"requested_persona": "You are A.", "task_details": "Do part A."},
-                        {"requested_persona": "You are B.", "task_details": "Do part B."}]
-                return 200, {}, chat(json.dumps({"decision": "delegate", "reason": "two", "sub_tasks": subs}))
-            return 200, {}, chat(json.dumps({"decision": "execute", "reason": "simple", "sub_tasks": []}))
+                subs = [
+                    {"requested_persona": "You are A.", "task_details": "Do part A."},
+                    {"requested_persona": "You are B.", "task_details": "Do part B."},
+                ]
+                return (
+                    200,
+                    {},
+                    chat(json.dumps({"decision": "delegate", "reason": "two", "sub_tasks": subs})),
+                )
+            return (
+                200,
+                {},
+                chat(json.dumps({"decision": "execute", "reason": "simple", "sub_tasks": []})),
+            )
         if is_synthesis(body):
             return 200, {}, chat("SYNTHESIS of A and B", 30, 7)
         return 200, {}, chat(f"ANSWER to {body['messages'][1]['content'][:20]}")
 
     with FakeOpenAI(handler) as server:
-        (worker,) = start_workers(1, extra_env={"TASKTREE_MODEL": "openai/fake-model", "TASKTREE_API_BASE": server.url,
-                                    "TASKTREE_API_KEY": "sk-test-secret"})
+        (worker,) = start_workers(
+            1,
+            extra_env={
+                "TASKTREE_MODEL": "openai/fake-model",
+                "TASKTREE_API_BASE": server.url,
+                "TASKTREE_API_KEY": "sk-test-secret",
+            },
+        )
         tid = client.submit(TreeSpec.build(client.settings, "A task with two parts."))
         tree = client.wait(tid)
     assert tree.status == "completed" and tree.result == "SYNTHESIS of A and B"
@@ -33,7 +49,11 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers, r) ->
     assert sorted(b["messages"][0]["content"] for b in executions) == ["You are A.", "You are B."]
     assert all("response_format" not in b for b in executions)
     assert all(b["model"] == "fake-model" for b in server.requests)
-    assert tree.calls == 6 and tree.prompt_tokens == 5 * 10 + 30 and tree.completion_tokens == 5 * 5 + 7
+    assert (
+        tree.calls == 6
+        and tree.prompt_tokens == 5 * 10 + 30
+        and tree.completion_tokens == 5 * 5 + 7
+    )
     assert {n.model for n in tree.nodes} == {"openai/fake-model"}
     # The key reached the provider, and nothing else: not the tree, its events, or the log.
     assert all(body.get("api_key") is None for body in server.requests)

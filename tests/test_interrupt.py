@@ -30,13 +30,28 @@ def read_until(fd: int, needle: bytes, timeout: float = 60) -> bytes:
 
 
 @pytest.mark.parametrize("answer,status,code", [("y", "cancelled", 1), ("n", "running", 130)])
-def test_ctrl_c_asks_to_cancel_or_detach(env, settings_for, start_workers, answer, status, code) -> None:
-    start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "3", "TASKTREE_OFFLINE_LATENCY": "0.5",
-                                "TASKTREE_CONCURRENCY": "2"})
+def test_ctrl_c_asks_to_cancel_or_detach(
+    env, settings_for, start_workers, answer, status, code
+) -> None:
+    start_workers(
+        1,
+        extra_env={
+            "TASKTREE_OFFLINE_FANOUT": "3",
+            "TASKTREE_OFFLINE_LATENCY": "0.5",
+            "TASKTREE_CONCURRENCY": "2",
+        },
+    )
     controller, child = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "tasktree", "submit", "Slow work.", "--max-depth", "3"],
-                            cwd=ROOT, env={**os.environ, **env, "COLUMNS": "120"}, stdin=child, stdout=child,
-                            stderr=child, start_new_session=True, preexec_fn=None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasktree", "submit", "Slow work.", "--max-depth", "3"],
+        cwd=ROOT,
+        env={**os.environ, **env, "COLUMNS": "120"},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        start_new_session=True,
+        preexec_fn=None,
+    )
     os.close(child)
     try:
         read_until(controller, b"deciding")

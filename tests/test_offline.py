@@ -8,8 +8,10 @@ from tasktree import prompts
 from tasktree.offline import NOTICE, OfflineModel, parts_of
 from tasktree.settings import load
 
-TASK = ("Design a web application for a community library. This includes database schema, "
-        "backend API design, and frontend component structure.")
+TASK = (
+    "Design a web application for a community library. This includes database schema, "
+    "backend API design, and frontend component structure."
+)
 
 
 def test_parts_are_found() -> None:
@@ -39,7 +41,9 @@ def test_fanout_always_delegates() -> None:
 def test_output_says_it_is_a_placeholder_and_is_deterministic() -> None:
     m = OfflineModel(load())
     a = m.reply(prompts.execute("You are a poet.", "Write a haiku."))
-    assert a.startswith(NOTICE) and a == m.reply(prompts.execute("You are a poet.", "Write a haiku."))
+    assert a.startswith(NOTICE) and a == m.reply(
+        prompts.execute("You are a poet.", "Write a haiku.")
+    )
 
 
 def test_synthesis_names_every_part() -> None:
@@ -52,4 +56,6 @@ def test_random_latency_is_seeded_and_differs_between_siblings() -> None:
     m = OfflineModel(load(offline_latency="0.05-0.5", offline_seed=7))
     a, b = m.delay(prompts.execute("p", "a")), m.delay(prompts.execute("p", "b"))
     assert 0.05 <= a <= 0.5 and 0.05 <= b <= 0.5 and a != b
-    assert a == OfflineModel(load(offline_latency="0.05-0.5", offline_seed=7)).delay(prompts.execute("p", "a"))
+    assert a == OfflineModel(load(offline_latency="0.05-0.5", offline_seed=7)).delay(
+        prompts.execute("p", "a")
+    )

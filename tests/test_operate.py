@@ -15,8 +15,14 @@ RUNNING = {"deciding", "executing", "synthesizing"}
 
 
 def cli(env, *args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "tasktree", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tasktree", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_event_stream_is_ordered_and_complete(client, start_workers) -> None:
@@ -36,7 +42,9 @@ def test_event_stream_is_ordered_and_complete(client, start_workers) -> None:
         seen = per_node[n.id]
         assert seen[0] == "queued" and seen[-1] == n.status == "completed"
         assert sum(s in NODE_TERMINAL for s in seen) == 1  # closed exactly once
-        expected = ["queued", "deciding", "delegated", "synthesizing", "completed"] if n.children else None
+        expected = (
+            ["queued", "deciding", "delegated", "synthesizing", "completed"] if n.children else None
+        )
         if expected:
             assert [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]] == expected
     # Each node's parent was delegated before the child was queued.
@@ -46,13 +54,21 @@ def test_event_stream_is_ordered_and_complete(client, start_workers) -> None:
 
 
 def test_cost_budget_stops_new_calls_and_keeps_results(client, start_workers) -> None:
-    start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "3", "TASKTREE_CONCURRENCY": "1",
-                                "TASKTREE_INPUT_COST_PER_TOKEN": "0.0001",
-                                "TASKTREE_OUTPUT_COST_PER_TOKEN": "0.0002"})
+    start_workers(
+        1,
+        extra_env={
+            "TASKTREE_OFFLINE_FANOUT": "3",
+            "TASKTREE_CONCURRENCY": "1",
+            "TASKTREE_INPUT_COST_PER_TOKEN": "0.0001",
+            "TASKTREE_OUTPUT_COST_PER_TOKEN": "0.0002",
+        },
+    )
     full = client.wait(client.submit(TreeSpec.build(client.settings, "Price me.", max_depth=2)))
     assert full.status == "completed" and not full.cost_unknown and full.cost_usd > 0
     budget = full.cost_usd / 3
-    tree = client.wait(client.submit(TreeSpec.build(client.settings, "Price me.", max_depth=2, max_cost=budget)))
+    tree = client.wait(
+        client.submit(TreeSpec.build(client.settings, "Price me.", max_depth=2, max_cost=budget))
+    )
     assert tree.status == "budget_exhausted"
     assert tree.calls < full.calls and all(n.terminal for n in tree.nodes)
     exhausted = [n for n in tree.nodes if n.status == "budget_exhausted"]
@@ -67,15 +83,23 @@ def test_cost_budget_stops_new_calls_and_keeps_results(client, start_workers) ->
 
 def test_token_budget(client, start_workers) -> None:
     start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "3", "TASKTREE_CONCURRENCY": "1"})
-    tree = client.wait(client.submit(TreeSpec.build(client.settings, "Count me.", max_depth=2, max_tokens=1500)))
+    tree = client.wait(
+        client.submit(TreeSpec.build(client.settings, "Count me.", max_depth=2, max_tokens=1500))
+    )
     assert tree.status == "budget_exhausted" and tree.cost_unknown and tree.cost_usd == 0
     assert 1500 <= tree.tokens < 1500 + 1000
     assert any(n.status == "budget_exhausted" for n in tree.nodes)
 
 
 def test_cancel_mid_tree_with_real_workers(env, client, start_workers) -> None:
-    start_workers(2, extra_env={"TASKTREE_OFFLINE_FANOUT": "3", "TASKTREE_OFFLINE_LATENCY": "0.3",
-                                "TASKTREE_CONCURRENCY": "4"})
+    start_workers(
+        2,
+        extra_env={
+            "TASKTREE_OFFLINE_FANOUT": "3",
+            "TASKTREE_OFFLINE_LATENCY": "0.3",
+            "TASKTREE_CONCURRENCY": "4",
+        },
+    )
     tid = client.submit(TreeSpec.build(client.settings, "Take your time.", max_depth=3))
     deadline = time.monotonic() + 30
     while client.tree(tid, with_nodes=False).done < 3 and time.monotonic() < deadline:
@@ -89,7 +113,9 @@ def test_cancel_mid_tree_with_real_workers(env, client, start_workers) -> None:
     assert "cancelled" in statuses and "completed" in statuses  # finished work is kept
     events = [ev for _, ev in client.store.events(tid)]
     at = next(i for i, ev in enumerate(events) if ev.get("tree") == "cancelling")
-    assert not [ev for ev in events[at:] if ev.get("status") in RUNNING], "a model call started after cancel"
+    assert not [ev for ev in events[at:] if ev.get("status") in RUNNING], (
+        "a model call started after cancel"
+    )
     assert cli(env, "cancel", tid).stdout.strip() == f"{tid} cancelled"
 
 
@@ -112,7 +138,11 @@ def test_cli_views_watch_list_show_export(env, client, start_workers, tmp_path) 
     assert [t["tree_id"] for t in json.loads(listing.stdout)] == [tid]
     show = cli(env, "show", tid, "0", "--json")
     node = json.loads(show.stdout)
-    assert node["decision"] == "delegate" and node["deliveries"] >= 2 and len(node["context_keys"]) == 3
+    assert (
+        node["decision"] == "delegate"
+        and node["deliveries"] >= 2
+        and len(node["context_keys"]) == 3
+    )
     assert node["calls"] == 2 and node["prompt_tokens"] > 0 and node["cost_unknown"] is True
     md = tmp_path / "tree.md"
     assert cli(env, "export", tid, "--format", "markdown", "-o", str(md)).returncode == 0

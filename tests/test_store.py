@@ -157,9 +157,17 @@ def test_events_follow_every_state_change_in_order(store: Store) -> None:
     store.finish(tid, "0", "completed", result="z", step="synthesize")
     seen = [(e.get("node"), e.get("status") or e.get("tree")) for _, e in store.events(tid)]
     assert seen == [
-        (None, "running"), ("0", "queued"), ("0", "deciding"), ("0", "delegated"),
-        ("0.1", "queued"), ("0.2", "queued"), ("0.1", "completed"), ("0.2", "completed"),
-        ("0", "synthesizing"), ("0", "completed"), (None, "completed"),
+        (None, "running"),
+        ("0", "queued"),
+        ("0", "deciding"),
+        ("0", "delegated"),
+        ("0.1", "queued"),
+        ("0.2", "queued"),
+        ("0.1", "completed"),
+        ("0.2", "completed"),
+        ("0", "synthesizing"),
+        ("0", "completed"),
+        (None, "completed"),
     ]
     # Every event's state is the stored state at that point: the last per node is the current.
     tree = store.tree(tid)
@@ -186,3 +194,16 @@ def test_tree_ids_are_checked_before_use(bad: str) -> None:
 def test_node_ids_are_checked_before_use(bad: str) -> None:
     with pytest.raises(InputError):
         check_node_id(bad)
+
+
+def test_sweeper_finds_quiet_trees_and_due_syntheses(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    store.finish(tid, "0.1", "completed", result="a")
+    assert store.stalled_trees(quiet_for=60) == []  # it just moved
+    assert store.stalled_trees(quiet_for=-1) == [tid]
+    assert store.orphaned_parents(tid) == []  # 0.2 still open
+    store.finish(tid, "0.2", "failed", error="x")
+    assert store.orphaned_parents(tid) == ["0"]
+    store.finish(tid, "0", "completed", result="s")
+    assert store.stalled_trees(quiet_for=-1) == [] and store.r.zcard(keys.RUNNING) == 0

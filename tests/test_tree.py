@@ -11,8 +11,10 @@ from tasktree.client import Client
 from tasktree.models import TreeSpec
 from tests.helpers import ROOT
 
-DESIGN = ("Design a web application for a community library. This includes database schema, "
-          "backend API design, and frontend component structure.")
+DESIGN = (
+    "Design a web application for a community library. This includes database schema, "
+    "backend API design, and frontend component structure."
+)
 
 
 def run_tree(client: Client, task: str = DESIGN, **budgets):
@@ -67,18 +69,52 @@ def test_node_budget_holds_under_parallel_siblings(client, start_workers) -> Non
 
 
 def test_two_workers_share_a_tree_and_cli_json_reports_it(env, start_workers) -> None:
-    w = start_workers(2, extra_env={"TASKTREE_OFFLINE_FANOUT": "4", "TASKTREE_OFFLINE_LATENCY": "0.1",
-                                     "TASKTREE_CONCURRENCY": "4"})
+    w = start_workers(
+        2,
+        extra_env={
+            "TASKTREE_OFFLINE_FANOUT": "4",
+            "TASKTREE_OFFLINE_LATENCY": "0.1",
+            "TASKTREE_CONCURRENCY": "4",
+        },
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "tasktree", "submit", "Survey the field.", "--max-depth", "2", "--json"],
-        cwd=ROOT, env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=90,
+        [
+            sys.executable,
+            "-m",
+            "tasktree",
+            "submit",
+            "Survey the field.",
+            "--max-depth",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["status"] == "completed" and len(doc["nodes"]) == 21
     names = {x.name.replace("%h", "") for x in w}
     workers = {n["worker"] for n in doc["nodes"]}
-    assert len(workers) == 2 and all(any(re.match(re.escape(p), wk) for p in names) for wk in workers)
-    for key in ("id", "parent_id", "depth", "persona", "instructions", "status", "decision", "result",
-                "error", "children", "worker", "started_at", "finished_at"):
+    assert len(workers) == 2 and all(
+        any(re.match(re.escape(p), wk) for p in names) for wk in workers
+    )
+    for key in (
+        "id",
+        "parent_id",
+        "depth",
+        "persona",
+        "instructions",
+        "status",
+        "decision",
+        "result",
+        "error",
+        "children",
+        "worker",
+        "started_at",
+        "finished_at",
+    ):
         assert key in doc["nodes"][0]

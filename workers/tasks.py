@@ -147,3 +147,17 @@ def register(app: Celery) -> None:
             from tasktree.llm import warm
 
             warm(app.tasktree.settings)  # type: ignore[attr-defined]
+
+    sweepers: list[Any] = []
+
+    @signals.worker_ready.connect(weak=False)
+    def _start_sweeper(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            from workers import sweeper
+
+            sweepers.append(sweeper.start(app))
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop_sweeper(sender: Any = None, **_: Any) -> None:
+        for stop in sweepers:
+            stop.set()
