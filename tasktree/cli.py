@@ -240,11 +240,17 @@ def cmd_list(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     if args.json:
         out.json([tree_json(t) for t in trees])
         return EXIT_OK
-    table = Table("id", "submitted", "status", "nodes", "cost", "task")
+    table = Table(box=None, pad_edge=False)
+    table.add_column("id", no_wrap=True, min_width=16)
+    table.add_column("submitted", no_wrap=True, min_width=14)
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("nodes", no_wrap=True, justify="right", min_width=5)
+    table.add_column("cost", no_wrap=True, min_width=8)
+    table.add_column("task", overflow="ellipsis", no_wrap=True, ratio=1)
     for t in trees:
         table.add_row(
             t.id,
-            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+            datetime.fromtimestamp(t.created_at).strftime("%m-%d %H:%M:%S"),
             t.status,
             str(t.reserved),
             render.money(t.cost_usd, t.cost_unknown),
