@@ -146,9 +146,7 @@ def complete(
     usage = getattr(resp, "usage", None)
     prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
     completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-    try:
-        cost = float(litellm.completion_cost(completion_response=resp, model=model) or 0.0)
-        known = True
-    except Exception:  # litellm raises for models it has no price for
-        cost, known = 0.0, False
+    # litellm prices every response it returns; None means it has no price for the model.
+    priced = (getattr(resp, "_hidden_params", None) or {}).get("response_cost")
+    cost, known = (float(priced), True) if priced is not None else (0.0, False)
     return Reply(text, model, prompt_tokens, completion_tokens, cost, known, latency)

@@ -118,3 +118,14 @@ def test_two_workers_share_a_tree_and_cli_json_reports_it(env, start_workers) ->
         "finished_at",
     ):
         assert key in doc["nodes"][0]
+
+
+def test_single_call_mode_answers_leaves_in_one_call(client, start_workers) -> None:
+    start_workers(1)
+    normal = run_tree(client)
+    single = run_tree(client, single_call=True)
+    assert normal.status == single.status == "completed"
+    leaves = lambda t: [n for n in t.nodes if not n.children]  # noqa: E731
+    assert all(n.calls == 2 for n in leaves(normal))  # decide, then execute
+    assert all(n.calls == 1 and n.result and n.decision == "execute" for n in leaves(single))
+    assert single.calls == normal.calls - 3 and single.tokens < normal.tokens
