@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasktree.errors import InputError
-from tasktree.proto import SubTaskRequest
+from tasktree.proto import SubTaskRequest, TaskRequest
 from tasktree.settings import Settings
 
 DEFAULT_PERSONA = (
@@ -148,6 +148,17 @@ class Node(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in NODE_TERMINAL
+
+    def request(self, tree_id: str) -> TaskRequest:
+        """The task message that runs this node."""
+        return TaskRequest(
+            task_id=f"{tree_id}/{self.id}",
+            persona_prompt=self.persona,
+            task_instructions=self.instructions,
+            tree_id=tree_id,
+            node_id=self.id,
+            depth=self.depth,
+        )
 
 
 class Tree(BaseModel):

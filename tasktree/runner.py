@@ -240,17 +240,7 @@ class NodeRun:
     def _delegate(self) -> Outcome:
         ids = [c for c in self.node.get("children", "").split(",") if c]
         children = self.store.nodes(self.tree_id, ids)
-        return Outcome("delegate", children=[self.request_for(c) for c in children])
-
-    def request_for(self, child: Node) -> TaskRequest:
-        return TaskRequest(
-            task_id=f"{self.tree_id}/{child.id}",
-            persona_prompt=child.persona,
-            task_instructions=child.instructions,
-            tree_id=self.tree_id,
-            node_id=child.id,
-            depth=child.depth,
-        )
+        return Outcome("delegate", children=[c.request(self.tree_id) for c in children])
 
     # -- the synthesis ----------------------------------------------------------------------
 

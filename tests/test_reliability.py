@@ -107,18 +107,7 @@ def test_duplicate_deliveries_are_harmless(client, start_workers, r) -> None:
     leaf = next(n for n in tree.nodes if not n.children)
     client.app.send_task(
         "tasktree.node",
-        args=[
-            to_dict(
-                TaskRequest(
-                    task_id=f"{tid}/{leaf.id}",
-                    persona_prompt=leaf.persona,
-                    task_instructions=leaf.instructions,
-                    tree_id=tid,
-                    node_id=leaf.id,
-                    depth=leaf.depth,
-                )
-            )
-        ],
+        args=[to_dict(leaf.request(tid))],
     )
     res = client.app.send_task("tasktree.synthesize", args=[tid, "0"])
     deadline = time.monotonic() + 20

@@ -40,16 +40,9 @@ def sweep_once(app: Any) -> int:
             if node.status == "synthesizing":
                 app.send_task(SYNTHESIZE, args=[tree_id, node.id], ignore_result=True)
             else:
-                from tasktree.proto import TaskRequest, to_dict
+                from tasktree.proto import to_dict
 
-                req = TaskRequest(
-                    task_id=f"{tree_id}/{node.id}",
-                    persona_prompt=node.persona,
-                    task_instructions=node.instructions,
-                    tree_id=tree_id,
-                    node_id=node.id,
-                    depth=node.depth,
-                )
+                req = node.request(tree_id)
                 app.send_task(NODE, args=[to_dict(req)], argsrepr=describe(req), ignore_result=True)
             sent += 1
     return sent
