@@ -249,7 +249,8 @@ def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
     import re
 
     pattern = re.compile(
-        rf"^tasktree:(trees|\{{{tree.id}\}}:(tree|nodes|events|node:0(\.[1-6])*))$"
+        rf"^tasktree:(trees|running|\{{{tree.id}\}}:(tree|nodes|events|node:0(\.[1-6])*"
+        r"|claim:0(\.[1-6])*:(decide|execute|synthesize)))$"
     )
     assert all(pattern.match(k) for k in r.keys("tasktree:*")), r.keys("tasktree:*")
     assert any(n.persona.startswith("tasktree:{") for n in tree.nodes)
