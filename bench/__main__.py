@@ -35,8 +35,13 @@ class Worker:
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env={**os.environ, **self.env},
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 90
@@ -80,20 +85,59 @@ class Bench:
 
     def tasktree_worker(self, name: str, fanout: int | None, latency: str) -> None:
         tag = uuid.uuid4().hex[:6]
-        env = {"TASKTREE_REDIS_URL": self.url, "TASKTREE_NODE_QUEUE": f"b{tag}",
-               "TASKTREE_SYNTH_QUEUE": f"b{tag}.s", "TASKTREE_CONCURRENCY": str(self.concurrency),
-               "TASKTREE_OFFLINE_LATENCY": latency, "TASKTREE_OFFLINE_SEED": "7"}
+        env = {
+            "TASKTREE_REDIS_URL": self.url,
+            "TASKTREE_NODE_QUEUE": f"b{tag}",
+            "TASKTREE_SYNTH_QUEUE": f"b{tag}.s",
+            "TASKTREE_CONCURRENCY": str(self.concurrency),
+            "TASKTREE_OFFLINE_LATENCY": latency,
+            "TASKTREE_OFFLINE_SEED": "7",
+        }
         if fanout:
             env["TASKTREE_OFFLINE_FANOUT"] = str(fanout)
-        cmd = [sys.executable, "-m", "celery", "-A", "bench.instrumented", "worker", "-n", f"{name}@%h",
-               "--loglevel", "INFO", "-P", "threads", "-c", str(self.concurrency)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.instrumented",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "-P",
+            "threads",
+            "-c",
+            str(self.concurrency),
+        ]
         self.workers[name] = Worker(name, cmd, env, self.work / f"{name}.log")
-        self.clients[name] = Client(load(**{k.removeprefix("TASKTREE_").lower(): v for k, v in env.items()}))
+        self.clients[name] = Client(
+            load(**{k.removeprefix("TASKTREE_").lower(): v for k, v in env.items()})
+        )
 
     def peer_worker(self, name: str, concurrency: int, queue: str) -> None:
-        cmd = [sys.executable, "-m", "celery", "-A", "bench.peers", "worker", "-n", f"{name}@%h",
-               "--loglevel", "INFO", "-P", "threads", "-c", str(concurrency), "-Q", queue]
-        self.workers[name] = Worker(name, cmd, {"BENCH_REDIS_URL": self.url}, self.work / f"{name}.log")
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.peers",
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "-P",
+            "threads",
+            "-c",
+            str(concurrency),
+            "-Q",
+            queue,
+        ]
+        self.workers[name] = Worker(
+            name, cmd, {"BENCH_REDIS_URL": self.url}, self.work / f"{name}.log"
+        )
 
     def start_all(self) -> None:
         for w in self.workers.values():
@@ -110,8 +154,14 @@ class Bench:
 
     def tasktree(self, worker: str, spec: Spec, **kw) -> tuple[float, float, object]:
         client = self.clients[worker]
-        ts = TreeSpec.build(client.settings, kw.pop("task", "Benchmark tree."), max_depth=spec.depth,
-                            max_children=max(spec.fanout, 1), max_nodes=kw.pop("max_nodes", spec.nodes), **kw)
+        ts = TreeSpec.build(
+            client.settings,
+            kw.pop("task", "Benchmark tree."),
+            max_depth=spec.depth,
+            max_children=max(spec.fanout, 1),
+            max_nodes=kw.pop("max_nodes", spec.nodes),
+            **kw,
+        )
         start = time.perf_counter()
         tree = client.wait(client.submit(ts))
         wall = time.perf_counter() - start
@@ -130,7 +180,9 @@ class Bench:
 
         start = time.perf_counter()
         try:
-            naive_node.apply_async(("0", 0, spec.as_dict(), timeout, queue), queue=queue).get(timeout=timeout + 5)
+            naive_node.apply_async(("0", 0, spec.as_dict(), timeout, queue), queue=queue).get(
+                timeout=timeout + 5
+            )
         except Exception:
             return None
         return time.perf_counter() - start
@@ -157,7 +209,9 @@ def run(args: argparse.Namespace) -> str:
         for s in shapes:
             b.tasktree_worker(f"tt{s.depth}x{s.fanout}zero", s.fanout, "0")
             b.tasktree_worker(f"tt{s.depth}x{s.fanout}fixed", s.fanout, f"{lat_fixed[0]}")
-            b.tasktree_worker(f"tt{s.depth}x{s.fanout}rand", s.fanout, f"{lat_rand[0]}-{lat_rand[1]}")
+            b.tasktree_worker(
+                f"tt{s.depth}x{s.fanout}rand", s.fanout, f"{lat_rand[0]}-{lat_rand[1]}"
+            )
         if not quick:
             b.tasktree_worker("ttparts", None, f"{lat_fixed[0]}")
         b.peer_worker("peers", b.concurrency, "peers")
@@ -172,9 +226,12 @@ def run(args: argparse.Namespace) -> str:
         b.naive(warm, "peers", 30)
 
         # 1. Overhead per node at zero latency.
-        lines += ["## 1. Overhead per node at zero model latency", "",
-                  "| shape | nodes | tasktree ms/node | bare Celery chord ms/node | ratio | largest message (bytes) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## 1. Overhead per node at zero model latency",
+            "",
+            "| shape | nodes | tasktree ms/node | bare Celery chord ms/node | ratio | largest message (bytes) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for s in shapes:
             tt, bare, sizes = Row("tt"), Row("bare"), []
             for _ in range(b.runs):
@@ -184,14 +241,21 @@ def run(args: argparse.Namespace) -> str:
                 sizes.append(int(b.r.get("bench:max-message") or 0))
                 bare.values.append(b.bare(s) / s.nodes)
             ratios = Row("ratio", [a / c for a, c in zip(tt.values, bare.values, strict=True)])
-            lines.append(f"| depth {s.depth}, fan-out {s.fanout} | {s.nodes} | {tt.fmt(1000, 2)} | "
-                         f"{bare.fmt(1000, 2)} | {ratios.fmt(1, 2)} | {max(sizes)} |")
+            lines.append(
+                f"| depth {s.depth}, fan-out {s.fanout} | {s.nodes} | {tt.fmt(1000, 2)} | "
+                f"{bare.fmt(1000, 2)} | {ratios.fmt(1, 2)} | {max(sizes)} |"
+            )
             print(lines[-1], flush=True)
 
         # 2 + 3. Parallel efficiency and peers.
-        lines += ["", "## 2–3. Wall time / critical path, one worker process (peers alongside)", "",
-                  "| shape | latency per call | tasktree | bare Celery chord | naive Celery (c=256) | "
-                  "naive Celery (c=16) | LangGraph Send |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## 2–3. Wall time / critical path, one worker process (peers alongside)",
+            "",
+            "| shape | latency per call | tasktree | bare Celery chord | naive Celery (c=256) | "
+            "naive Celery (c=16) | LangGraph Send |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         try:
             import langgraph  # noqa: F401
 
@@ -227,22 +291,37 @@ def run(args: argparse.Namespace) -> str:
                         rows["naive16"].values.append(w / cp_peer)
                     b.r.delete("naive16")  # drop the stranded children of the deadlocked tree
                 n16 = "deadlock (no progress in 15 s)" if deadlock else rows["naive16"].fmt(1, 2)
-                lines.append(f"| depth {s.depth}, fan-out {s.fanout} | {s.latency} s | {rows['tt'].fmt(1, 3)} | "
-                             f"{rows['bare'].fmt(1, 3)} | {rows['naive'].fmt(1, 3)} | {n16} | {rows['lg'].fmt(1, 3)} |")
+                lines.append(
+                    f"| depth {s.depth}, fan-out {s.fanout} | {s.latency} s | {rows['tt'].fmt(1, 3)} | "
+                    f"{rows['bare'].fmt(1, 3)} | {rows['naive'].fmt(1, 3)} | {n16} | {rows['lg'].fmt(1, 3)} |"
+                )
                 print(lines[-1], flush=True)
 
         if not quick:
             # Single-call mode on a task of ten parts (the children are leaves above the depth limit).
-            task = "Write a report. This includes " + ", ".join(f"part {c}" for c in "ABCDEFGHIJ") + "."
-            lines += ["", "## Single-call mode (ten-part task, 0.2 s per call)", "",
-                      "| mode | LLM calls | tokens (offline count) | wall s |", "| --- | --- | --- | --- |"]
+            task = (
+                "Write a report. This includes "
+                + ", ".join(f"part {c}" for c in "ABCDEFGHIJ")
+                + "."
+            )
+            lines += [
+                "",
+                "## Single-call mode (ten-part task, 0.2 s per call)",
+                "",
+                "| mode | LLM calls | tokens (offline count) | wall s |",
+                "| --- | --- | --- | --- |",
+            ]
             for single in (False, True):
                 walls, tree = [], None
                 for _ in range(b.runs):
-                    wall, _, tree = b.tasktree("ttparts", Spec(3, 10), task=task, single_call=single)
+                    wall, _, tree = b.tasktree(
+                        "ttparts", Spec(3, 10), task=task, single_call=single
+                    )
                     walls.append(wall)
-                lines.append(f"| {'--single-call' if single else 'decide + execute'} | {tree.calls} | "
-                             f"{tree.tokens} | {Row('w', walls).fmt(1, 3)} |")
+                lines.append(
+                    f"| {'--single-call' if single else 'decide + execute'} | {tree.calls} | "
+                    f"{tree.tokens} | {Row('w', walls).fmt(1, 3)} |"
+                )
                 print(lines[-1], flush=True)
 
             # 5. Interactive latency.
@@ -252,40 +331,73 @@ def run(args: argparse.Namespace) -> str:
             sub, tree_cmd = Row("submit"), Row("tree")
             for _ in range(5):
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "tasktree", "submit", "Quick.", "--no-wait"], env=env,
-                               capture_output=True, check=True)
+                subprocess.run(
+                    [sys.executable, "-m", "tasktree", "submit", "Quick.", "--no-wait"],
+                    env=env,
+                    capture_output=True,
+                    check=True,
+                )
                 sub.values.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "tasktree", "tree", tid], env=env, capture_output=True, check=True)
+                subprocess.run(
+                    [sys.executable, "-m", "tasktree", "tree", tid],
+                    env=env,
+                    capture_output=True,
+                    check=True,
+                )
                 tree_cmd.values.append(time.perf_counter() - t)
-            lines += ["", "## 5. Interactive latency (5 runs, whole process)", "",
-                      "| command | seconds |", "| --- | --- |",
-                      f"| `python -m tasktree submit --no-wait` | {sub.fmt(1, 3)} |",
-                      f"| `python -m tasktree tree ID` (156 nodes) | {tree_cmd.fmt(1, 3)} |"]
+            lines += [
+                "",
+                "## 5. Interactive latency (5 runs, whole process)",
+                "",
+                "| command | seconds |",
+                "| --- | --- |",
+                f"| `python -m tasktree submit --no-wait` | {sub.fmt(1, 3)} |",
+                f"| `python -m tasktree tree ID` (156 nodes) | {tree_cmd.fmt(1, 3)} |",
+            ]
             print(lines[-3:], flush=True)
 
             # 4. Scale: only the scale worker left running, so Redis counts are its own.
             b.stop_all(keep=("tt2x10zero",))
             time.sleep(2)
-            lines += ["", "## 4. Scale (zero latency, one worker process)", "",
-                      "| run | nodes | wall s | Redis memory per node | Redis commands per node | largest message |",
-                      "| --- | --- | --- | --- | --- | --- |"]
-            for label, count, depth, cap in (("one 1,000-node tree", 1, 3, 1000), ("10 trees of 100 at once", 10, 2, 100)):
+            lines += [
+                "",
+                "## 4. Scale (zero latency, one worker process)",
+                "",
+                "| run | nodes | wall s | Redis memory per node | Redis commands per node | largest message |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for label, count, depth, cap in (
+                ("one 1,000-node tree", 1, 3, 1000),
+                ("10 trees of 100 at once", 10, 2, 100),
+            ):
                 b.r.delete("bench:max-message")
                 b.r.config_resetstat()
                 mem0 = b.r.info("memory")["used_memory"]
                 client = b.clients["tt2x10zero"]
                 t = time.perf_counter()
-                ids = [client.submit(TreeSpec.build(client.settings, f"Scale {i}.", max_depth=depth,
-                                                    max_children=10, max_nodes=cap)) for i in range(count)]
+                ids = [
+                    client.submit(
+                        TreeSpec.build(
+                            client.settings,
+                            f"Scale {i}.",
+                            max_depth=depth,
+                            max_children=10,
+                            max_nodes=cap,
+                        )
+                    )
+                    for i in range(count)
+                ]
                 trees = [client.wait(i) for i in ids]
                 wall = time.perf_counter() - t
                 nodes = sum(len(tr.nodes) for tr in trees)
                 assert all(tr.status == "completed" for tr in trees)
                 mem = (b.r.info("memory")["used_memory"] - mem0) / nodes
                 cmds = sum(v["calls"] for k, v in b.r.info("commandstats").items()) / nodes
-                lines.append(f"| {label} | {nodes} | {wall:.2f} | {mem / 1024:.2f} KiB | {cmds:.1f} | "
-                             f"{int(b.r.get('bench:max-message') or 0)} B |")
+                lines.append(
+                    f"| {label} | {nodes} | {wall:.2f} | {mem / 1024:.2f} KiB | {cmds:.1f} | "
+                    f"{int(b.r.get('bench:max-message') or 0)} B |"
+                )
                 print(lines[-1], flush=True)
     finally:
         b.stop_all()
@@ -337,13 +449,15 @@ def main() -> None:
         except ImportError:
             png = None
     head = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         f"Written by `make bench` (`python -m bench --runs {args.runs}`) on {time.strftime('%Y-%m-%d')}: "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}, "
         f"Redis embedded unless TASKTREE_REDIS_URL was set. The whole run took {took:.0f} s.",
         f"Each figure is the median of {1 if args.quick else args.runs} runs, with the range (min–max) "
         "in brackets. Model calls are the offline model's, sleeping the latency given "
-        "(seeded random per call where a range is given).", "",
+        "(seeded random per call where a range is given).",
+        "",
     ]
     if png:
         head += [f"![wall time against critical path]({png.name})", ""]

@@ -37,7 +37,10 @@ def build(spec: Spec, depth: int = 0) -> Any:
         return {}
 
     def fan_out(state: State) -> list:
-        return [Send("child", {"path": f"{state['path']}.{i}", "results": []}) for i in range(1, spec.fanout + 1)]
+        return [
+            Send("child", {"path": f"{state['path']}.{i}", "results": []})
+            for i in range(1, spec.fanout + 1)
+        ]
 
     async def run_child(state: State) -> dict:
         await child.ainvoke({"path": state["path"], "results": []})

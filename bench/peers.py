@@ -12,8 +12,12 @@ from bench.shapes import Spec
 
 app = Celery("bench", broker=os.environ["BENCH_REDIS_URL"], backend=os.environ["BENCH_REDIS_URL"])
 app.conf.update(
-    task_serializer="json", accept_content=["json"], result_serializer="json",
-    worker_prefetch_multiplier=1, task_acks_late=True, worker_hijack_root_logger=False,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    worker_prefetch_multiplier=1,
+    task_acks_late=True,
+    worker_hijack_root_logger=False,
     broker_transport_options={"visibility_timeout": 300},
 )
 
@@ -27,7 +31,10 @@ def bare_node(self, path: str, depth: int, spec: dict, queue: str) -> str:
     s = _spec(spec)
     if depth < s.depth:
         time.sleep(s.lat(path, "decide"))
-        kids = [bare_node.si(f"{path}.{i}", depth + 1, spec, queue).set(queue=queue) for i in range(1, s.fanout + 1)]
+        kids = [
+            bare_node.si(f"{path}.{i}", depth + 1, spec, queue).set(queue=queue)
+            for i in range(1, s.fanout + 1)
+        ]
         raise self.replace(chord(kids, bare_synth.si(path, spec).set(queue=queue)))
     time.sleep(s.lat(path, "execute"))
     return path
@@ -44,8 +51,10 @@ def naive_node(path: str, depth: int, spec: dict, timeout: float, queue: str) ->
     s = _spec(spec)
     if depth < s.depth:
         time.sleep(s.lat(path, "decide"))
-        kids = (naive_node.s(f"{path}.{i}", depth + 1, spec, timeout, queue).set(queue=queue)
-                for i in range(1, s.fanout + 1))
+        kids = (
+            naive_node.s(f"{path}.{i}", depth + 1, spec, timeout, queue).set(queue=queue)
+            for i in range(1, s.fanout + 1)
+        )
         res = group(kids)()
         res.get(timeout=timeout, disable_sync_subtasks=False)  # blocks this pool slot
         time.sleep(s.lat(path, "synthesize"))

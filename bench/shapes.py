@@ -40,7 +40,13 @@ class Spec:
         return self.lat(path, "decide") + below + self.lat(path, "synthesize")
 
     def as_dict(self) -> dict:
-        return {"depth": self.depth, "fanout": self.fanout, "lo": self.lo, "hi": self.hi, "seed": self.seed}
+        return {
+            "depth": self.depth,
+            "fanout": self.fanout,
+            "lo": self.lo,
+            "hi": self.hi,
+            "seed": self.seed,
+        }
 
 
 def tree_critical_path(nodes: list) -> float:

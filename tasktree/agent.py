@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -56,7 +57,7 @@ def clean_sub_tasks(
     seen: set[tuple[str, str]] = set()
     subs: list[dict[str, str]] = []
     dropped_blank = dropped_dup = trimmed = 0
-    for st in decision.sub_tasks:
+    for st in cast(list[Any], decision.sub_tasks):  # built from agent.proto
         persona, details = st.requested_persona.strip(), st.task_details.strip()
         if not details:
             dropped_blank += 1

@@ -71,14 +71,14 @@ class TreeSpec(BaseModel):
                 kw[name] = getattr(settings, name)
         kw = {k: v for k, v in kw.items() if v is not None}
         try:
-            return cls(task=task, **kw)
+            return cls(task=str(task), **kw)
         except ValidationError as e:
             err = e.errors()[0]
             field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "input"
             raise InputError(f"{field}: {err['msg']}") from None
 
 
-def _pydantic_from_proto(message_cls: type) -> type[BaseModel]:
+def _pydantic_from_proto(message_cls: Any) -> Any:
     """A pydantic model with the string fields of a proto message: one schema, not two."""
     fields: dict[str, Any] = {
         f.name: (str, ...) for f in message_cls.DESCRIPTOR.fields if f.type == f.TYPE_STRING

@@ -121,7 +121,7 @@ class Store:
         except redis.ResponseError as e:
             raise StoreError(f"Redis error: {e}") from None
 
-    def _script(self, name: str, keys_: list[str], args: list[Any]) -> list[str]:
+    def _script(self, name: str, keys_: list[str], args: list[Any]) -> list[Any]:
         return self._run(lambda: self._scripts[name](keys=keys_, args=args))
 
     def ping(self) -> None:

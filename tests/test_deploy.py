@@ -45,7 +45,11 @@ def test_compose_services_images_and_volumes(compose) -> None:
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     cmd = " ".join(redis["command"])
-    assert "--appendonly yes" in cmd and "--requirepass" in cmd and "--maxmemory-policy noeviction" in cmd
+    assert (
+        "--appendonly yes" in cmd
+        and "--requirepass" in cmd
+        and "--maxmemory-policy noeviction" in cmd
+    )
     volume = redis["volumes"][0].split(":")[0]
     assert volume in compose["volumes"]
     worker = services["worker"]
@@ -62,8 +66,12 @@ def test_every_setting_named_is_one_the_code_reads(compose) -> None:
     for service in compose["services"].values():
         named |= set((service.get("environment") or {}).keys())
     example = (ROOT / ".env.example").read_text()
-    named |= {line.split("=")[0] for line in example.splitlines() if line and not line.startswith("#")}
-    named |= {w for line in dockerfile().get("ENV", []) for w in re.findall(r"(TASKTREE_\w+)=", line)}
+    named |= {
+        line.split("=")[0] for line in example.splitlines() if line and not line.startswith("#")
+    }
+    named |= {
+        w for line in dockerfile().get("ENV", []) for w in re.findall(r"(TASKTREE_\w+)=", line)
+    }
     fields = {f"TASKTREE_{name.upper()}" for name in Settings.model_fields}
     ours = {n for n in named if n.startswith("TASKTREE_")}
     assert ours and ours <= fields, ours - fields
@@ -92,7 +100,9 @@ def test_dockerfile_installs_from_pyproject_as_non_root() -> None:
 
 
 @pytest.mark.slow
-def test_worker_runs_as_the_image_entry_point_from_a_fresh_venv(env, client, tmp_path: Path) -> None:
+def test_worker_runs_as_the_image_entry_point_from_a_fresh_venv(
+    env, client, tmp_path: Path
+) -> None:
     """Build a venv the way the Dockerfile does (pip install . of a copy of the project), then
     run its ENTRYPOINT + CMD from outside the source tree, its health check, and a warm stop."""
     src = tmp_path / "app"
@@ -104,25 +114,42 @@ def test_worker_runs_as_the_image_entry_point_from_a_fresh_venv(env, client, tmp
         subprocess.run(["cp", "-r", str(ROOT / pkg), str(src / pkg)], check=True)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "."], cwd=src, check=True, timeout=600)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "."], cwd=src, check=True, timeout=600
+    )
     d = dockerfile()
     entry = json.loads(d["ENTRYPOINT"][0]) + json.loads(d["CMD"][0])
     home = tmp_path / "home"
     home.mkdir()
-    wenv = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env,
-            "PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(home)}
+    wenv = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        **env,
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(home),
+    }
     for line in d["ENV"]:
         for k, v in re.findall(r"(\w+)=(\S+)", line):
             wenv.setdefault(k, v)
     log = (tmp_path / "worker.log").open("w")
-    proc = subprocess.Popen(entry, cwd=home, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        entry, cwd=home, env=wenv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
-        tree = client.wait(client.submit(TreeSpec.build(client.settings, "Ship it. This includes a, b, c.")))
+        tree = client.wait(
+            client.submit(TreeSpec.build(client.settings, "Ship it. This includes a, b, c."))
+        )
         assert tree.status == "completed"
         host = socket.gethostname()
         assert {n.worker for n in tree.nodes} == {f"agent@{host}"}
-        health = d["HEALTHCHECK"][0].split("CMD ", 1)[1].replace("$(hostname)", host).replace(" || exit 1", "")
-        ping = subprocess.run(shlex.split(health), cwd=home, env=wenv, capture_output=True, text=True, timeout=60)
+        health = (
+            d["HEALTHCHECK"][0]
+            .split("CMD ", 1)[1]
+            .replace("$(hostname)", host)
+            .replace(" || exit 1", "")
+        )
+        ping = subprocess.run(
+            shlex.split(health), cwd=home, env=wenv, capture_output=True, text=True, timeout=60
+        )
         assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
         os.killpg(proc.pid, signal.SIGTERM)  # STOPSIGNAL: a warm shutdown
         assert proc.wait(timeout=60) == 0
@@ -130,8 +157,12 @@ def test_worker_runs_as_the_image_entry_point_from_a_fresh_venv(env, client, tmp
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "warm shutdown" in (tmp_path / "worker.log").read_text().lower()
-    installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import workers; print(workers.__file__)"],
-                               cwd=home, capture_output=True, text=True)
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import workers; print(workers.__file__)"],
+        cwd=home,
+        capture_output=True,
+        text=True,
+    )
     assert str(venv) in installed.stdout  # the installed package, not the source tree
 
 
@@ -149,5 +180,8 @@ def test_synthesis_runs_only_on_the_synthesis_queue_workers(env, client, start_w
     events = [e for _, e in client.store.events(tid)]
     synth = {e["worker"] for e in events if e.get("status") == "synthesizing"}
     other = {e["worker"] for e in events if e.get("status") in ("deciding", "executing")}
-    assert synth == {f"agent3@{host}"} and len([e for e in events if e.get("status") == "synthesizing"]) == 4
+    assert (
+        synth == {f"agent3@{host}"}
+        and len([e for e in events if e.get("status") == "synthesizing"]) == 4
+    )
     assert other == {f"agent1@{host}", f"agent2@{host}"}

@@ -130,7 +130,7 @@ def register(app: Celery) -> None:
             and keys.NODE_ID_RE.match(nid)
         ):
             with contextlib.suppress(StoreError):
-                task.app.tasktree.store.finish(  # type: ignore[attr-defined]
+                task.app.tasktree.store.finish(  # type: ignore[union-attr]
                     tid,
                     nid,
                     "failed",
@@ -146,7 +146,7 @@ def register(app: Celery) -> None:
         if own is app:
             from tasktree.llm import warm
 
-            warm(app.tasktree.settings)  # type: ignore[attr-defined]
+            warm(app.tasktree.settings)  # type: ignore[attr-defined,union-attr]
 
     sweepers: list[Any] = []
 
