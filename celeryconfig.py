@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from tasktree.connection import is_sentinel, sentinel_master, without_master_name
 from tasktree.settings import Settings
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def queue(name: str) -> Queue:
+    """A queue bound to a direct exchange of its own name by a routing key of its own name."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def config(settings: Settings) -> dict[str, Any]:
@@ -22,16 +28,17 @@ def config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_throttle": 1,
     }
     backend_url = url
-    if url.startswith(("sentinel://", "sentinels://")):
-        from urllib.parse import parse_qs, urlparse
-
-        master = parse_qs(urlparse(url.split(";")[0]).query).get("master_name", ["mymaster"])[0]
-        transport["master_name"] = master
-        backend_url = (
-            url.split("?")[0] if ";" not in url else url.replace(f"?master_name={master}", "")
-        )
+    if is_sentinel(url):
+        transport["master_name"] = sentinel_master(url)
+        backend_url = without_master_name(url)
     conf: dict[str, Any] = {
         "broker_url": url,
+        # kombu's Redis transport, safe to close after the broker went away (tasktree/transport.py).
+        "broker_transport": (
+            "tasktree.transport:SentinelTransport"
+            if is_sentinel(url)
+            else "tasktree.transport:Transport"
+        ),
         "result_backend": backend_url,
         # JSON only: pickle is refused on both sides.
         "task_serializer": "json",
@@ -58,11 +65,18 @@ def config(settings: Settings) -> dict[str, Any]:
         "worker_pool": settings.pool,
         "worker_concurrency": settings.concurrency,
         "worker_hijack_root_logger": False,
+        # Each queue has its own direct exchange and routing key, so a message reaches exactly
+        # the queue it is routed to (one shared key would deliver it to both).
         "task_default_queue": settings.node_queue,
-        "task_queues": [Queue(settings.node_queue), Queue(settings.synth_queue)],
+        "task_default_exchange": settings.node_queue,
+        "task_default_routing_key": settings.node_queue,
+        "task_queues": [queue(settings.node_queue), queue(settings.synth_queue)],
         "task_routes": {
-            "tasktree.node": {"queue": settings.node_queue},
-            "tasktree.synthesize": {"queue": settings.synth_queue},
+            "tasktree.node": {"queue": settings.node_queue, "routing_key": settings.node_queue},
+            "tasktree.synthesize": {
+                "queue": settings.synth_queue,
+                "routing_key": settings.synth_queue,
+            },
         },
     }
     if url.startswith("rediss://"):

@@ -12,7 +12,7 @@ from bench.shapes import Spec
 
 class State(TypedDict):
     path: str
-    results: Annotated[list, operator.add]
+    results: Annotated[list[str], operator.add]
 
 
 def build(spec: Spec, depth: int = 0) -> Any:
@@ -22,7 +22,7 @@ def build(spec: Spec, depth: int = 0) -> Any:
     g = StateGraph(State)
     if depth >= spec.depth:
 
-        async def execute(state: State) -> dict:
+        async def execute(state: State) -> dict[str, Any]:
             await asyncio.sleep(spec.lat(state["path"], "execute"))
             return {"results": [state["path"]]}
 
@@ -32,21 +32,21 @@ def build(spec: Spec, depth: int = 0) -> Any:
         return g.compile()
     child = build(spec, depth + 1)
 
-    async def decide(state: State) -> dict:
+    async def decide(state: State) -> dict[str, Any]:
         await asyncio.sleep(spec.lat(state["path"], "decide"))
         return {}
 
-    def fan_out(state: State) -> list:
+    def fan_out(state: State) -> list[Any]:
         return [
             Send("child", {"path": f"{state['path']}.{i}", "results": []})
             for i in range(1, spec.fanout + 1)
         ]
 
-    async def run_child(state: State) -> dict:
+    async def run_child(state: State) -> dict[str, Any]:
         await child.ainvoke({"path": state["path"], "results": []})
         return {"results": [state["path"]]}
 
-    async def synthesize(state: State) -> dict:
+    async def synthesize(state: State) -> dict[str, Any]:
         await asyncio.sleep(spec.lat(state.get("path", "0"), "synthesize"))
         return {}
 

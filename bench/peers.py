@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from celery import Celery, chord, group
 
@@ -22,12 +23,12 @@ app.conf.update(
 )
 
 
-def _spec(d: dict) -> Spec:
+def _spec(d: dict[str, Any]) -> Spec:
     return Spec(**d)
 
 
 @app.task(bind=True, name="bench.bare_node")
-def bare_node(self, path: str, depth: int, spec: dict, queue: str) -> str:
+def bare_node(self: Any, path: str, depth: int, spec: dict[str, Any], queue: str) -> str:
     s = _spec(spec)
     if depth < s.depth:
         time.sleep(s.lat(path, "decide"))
@@ -41,13 +42,13 @@ def bare_node(self, path: str, depth: int, spec: dict, queue: str) -> str:
 
 
 @app.task(name="bench.bare_synth")
-def bare_synth(path: str, spec: dict) -> str:
+def bare_synth(path: str, spec: dict[str, Any]) -> str:
     time.sleep(_spec(spec).lat(path, "synthesize"))
     return path
 
 
 @app.task(name="bench.naive_node")
-def naive_node(path: str, depth: int, spec: dict, timeout: float, queue: str) -> str:
+def naive_node(path: str, depth: int, spec: dict[str, Any], timeout: float, queue: str) -> str:
     s = _spec(spec)
     if depth < s.depth:
         time.sleep(s.lat(path, "decide"))

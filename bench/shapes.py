@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasktree.models import Node
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class Spec:
         below = max(self.critical_path(f"{path}.{i}", depth + 1) for i in range(1, self.fanout + 1))
         return self.lat(path, "decide") + below + self.lat(path, "synthesize")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "depth": self.depth,
             "fanout": self.fanout,
@@ -49,13 +53,13 @@ class Spec:
         }
 
 
-def tree_critical_path(nodes: list) -> float:
+def tree_critical_path(nodes: list[Node]) -> float:
     """The critical path of a tasktree tree from the latencies its calls recorded."""
-    by_parent: dict[str, list] = {}
+    by_parent: dict[str, list[Node]] = {}
     for n in nodes:
         by_parent.setdefault(n.parent_id, []).append(n)
 
-    def cp(n) -> float:
+    def cp(n: Node) -> float:
         kids = by_parent.get(n.id, [])
         if not kids:
             return n.lat_decide + n.lat_execute

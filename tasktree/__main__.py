@@ -1,7 +1,5 @@
 """python -m tasktree."""
 
-import sys
+from tasktree.cli import run
 
-from tasktree.cli import main
-
-sys.exit(main())
+run()

@@ -1,301 +1,262 @@
-"""python -m tasktree: parse arguments, call the client, print. No Redis or Celery logic here."""
+"""The `tasktree` command: parse arguments and run the command. No Redis or Celery here."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
-from rich.console import Console
-from rich.live import Live
-
-from tasktree import render
-from tasktree.client import Client, Events, session
+from tasktree import __version__, scrub
+from tasktree.commands import COMMANDS, EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, Output, cmd_read
 from tasktree.errors import InputError, TaskTreeError
-from tasktree.models import Tree, TreeSpec
+from tasktree.models import TreeSpec
+from tasktree.scrub import Scrubber
 from tasktree.settings import Settings, load
-from tasktree.store import check_node_id, check_tree_id
-
-EXIT_OK, EXIT_TREE_FAILED, EXIT_USAGE = 0, 1, 2
+from tasktree.states import TREE_IDLE
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise InputError(message)
+        raise InputError(f"{message} (see {self.prog} --help)")
 
 
-def positive_int(name: str) -> Any:
+def prog_name(argv0: str) -> str:
+    """The command the user ran: `tasktree` as installed, or `python -m tasktree`."""
+    return "python -m tasktree" if Path(argv0).name == "__main__.py" else Path(argv0).name
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
     def parse(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a whole number, got {v!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {n}")
         return n
 
     return parse
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="python -m tasktree", description="A recursive tree of LLM agents on Celery.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+def positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {v}")
+    return x
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(v: str) -> float:
+    """'45s', '90m', '12h', '30d', '2w' -> seconds."""
+    unit = v[-1:].lower()
+    try:
+        seconds = float(v[:-1]) * DURATION_UNITS[unit]
+    except (KeyError, ValueError):
+        seconds = float("nan")
+    if not 0 <= seconds <= 100 * 365 * 86400:  # nan fails it too
+        raise argparse.ArgumentTypeError(
+            f"must be a number and a unit (s, m, h, d, w) up to 100 years, got {v!r}"
+        )
+    return seconds
+
+
+def build_parser(prog: str = "tasktree") -> Parser:
+    d = {name: f.default for name, f in Settings.model_fields.items()}
+    spec = TreeSpec.model_fields
+    p = Parser(prog=prog, description="A recursive tree of LLM agents on Celery and Redis.")
+    p.add_argument("--version", action="version", version=f"tasktree {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     s = sub.add_parser("submit", help="submit a task and (by default) wait for its answer")
-    s.add_argument("task")
-    s.add_argument("--persona", help="the root agent's system prompt")
-    s.add_argument("--model", help="litellm model string for this tree")
-    s.add_argument("--max-depth", type=positive_int("--max-depth"))
-    s.add_argument("--max-children", type=positive_int("--max-children"))
-    s.add_argument("--max-nodes", type=positive_int("--max-nodes"))
-    s.add_argument("--max-cost", type=float, help="USD budget for the whole tree")
-    s.add_argument("--max-tokens", type=positive_int("--max-tokens"), help="token budget")
-    s.add_argument("--on-child-failure", choices=["continue", "fail"], default="continue")
-    s.add_argument("--single-call", action="store_true", help="one call decides or answers")
+    s.add_argument("task", nargs="?", help="the task; `-` reads it from standard input")
+    s.add_argument("--file", metavar="PATH", help="read the task from a file")
+    s.add_argument("--persona", help="the root agent's system prompt (default: a generalist)")
+    s.add_argument("--model", help="litellm model for this tree (default: TASKTREE_MODEL)")
+    budget = [
+        ("--max-depth", 0, 20, f"deepest level of sub-tasks (default: {d['max_depth']})"),
+        ("--max-children", 1, 100, f"sub-tasks per node (default: {d['max_children']})"),
+        ("--max-nodes", 1, 100_000, f"nodes per tree (default: {d['max_nodes']})"),
+        ("--max-tokens", 1, 10**12, "token budget for the tree (default: none)"),
+    ]
+    for flag, low, high, text in budget:
+        s.add_argument(flag, type=bounded_int(low, high), metavar="N", help=text)
+    s.add_argument(
+        "--max-cost", type=positive_float, metavar="USD", help="USD budget (default: none)"
+    )
+    s.add_argument(
+        "--on-child-failure",
+        choices=["continue", "fail"],
+        default=spec["on_child_failure"].default,
+        help="continue: a parent goes on without a failed child; fail: it fails too "
+        "(default: continue)",
+    )
+    s.add_argument("--single-call", action="store_true", help="one call decides and answers")
     s.add_argument("--no-wait", action="store_true", help="print the tree id and return")
-    s.add_argument("--json", action="store_true")
+    _wait_options(s)
+
+    r = sub.add_parser(
+        "resume", help="continue an interrupted or paused tree, reusing what it stored"
+    )
+    r.add_argument("tree_id")
+    r.add_argument("--no-wait", action="store_true", help="print the tree id and return")
+    _wait_options(r)
+
+    rt = sub.add_parser(
+        "retry",
+        help="run an ended tree's unfinished nodes again (or the named ones and their "
+        "descendants), reusing every other result, and re-synthesize up to the root",
+    )
+    rt.add_argument("tree_id")
+    rt.add_argument("nodes", nargs="*", metavar="NODE", help="node paths such as 0.2.1")
+    rt.add_argument("--model", help="litellm model for the tree from now on")
+    for flag, low, high, text in budget:
+        what = text.split(" (default")[0] + " (default: as it was)"
+        rt.add_argument(flag, type=bounded_int(low, high), metavar="N", help=what)
+    rt.add_argument(
+        "--max-cost", type=positive_float, metavar="USD", help="USD budget (default: as it was)"
+    )
+    rt.add_argument("--no-wait", action="store_true", help="print the tree id and return")
+    _wait_options(rt)
+
+    bu = sub.add_parser(
+        "budget",
+        help="raise a tree's budgets; a tree that ended on its budget continues where it stopped",
+    )
+    bu.add_argument("tree_id")
+    bu.add_argument("--add-nodes", type=bounded_int(1, 100_000), metavar="N")
+    bu.add_argument("--add-depth", type=bounded_int(1, 20), metavar="N")
+    bu.add_argument("--add-tokens", type=bounded_int(1, 10**12), metavar="N")
+    bu.add_argument("--add-cost", type=positive_float, metavar="USD")
+    bu.add_argument("--no-wait", action="store_true", help="do not wait for a continued tree")
+    _wait_options(bu)
+
+    w = sub.add_parser("watch", help="follow a tree live until it ends; exits with its status")
+    w.add_argument("tree_id")
+    _wait_options(w)
 
     for name, text in [
-        ("watch", "follow a tree live until it ends"),
         ("tree", "print the whole tree"),
         ("result", "print the final result"),
         ("status", "print the tree's state in one line"),
-        ("cancel", "stop a running tree"),
     ]:
         c = sub.add_parser(name, help=text)
         c.add_argument("tree_id")
-        c.add_argument("--json", action="store_true")
+        c.add_argument("--json", action="store_true", help="print JSON")
+
+    pa = sub.add_parser(
+        "pause", help="no model call starts until `resume`; calls in flight finish and are kept"
+    )
+    pa.add_argument("tree_id")
+    pa.add_argument("--json", action="store_true", help="print JSON")
+
+    ca = sub.add_parser(
+        "cancel", help="stop a running tree, or one subtree of it (finished results are kept)"
+    )
+    ca.add_argument("tree_id")
+    ca.add_argument(
+        "node_id", nargs="?", help="only this node and its descendants; the rest goes on"
+    )
+    ca.add_argument("--json", action="store_true", help="print JSON")
 
     sh = sub.add_parser("show", help="one node in full")
     sh.add_argument("tree_id")
-    sh.add_argument("node_id")
-    sh.add_argument("--json", action="store_true")
+    sh.add_argument("node_id", help="a node path such as 0.2.1")
+    sh.add_argument("--json", action="store_true", help="print JSON")
 
     ls = sub.add_parser("list", help="recent trees, newest first")
-    ls.add_argument("--limit", type=positive_int("--limit"), default=20)
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--limit",
+        type=bounded_int(1, 10_000),
+        default=20,
+        metavar="N",
+        help="how many (default: 20)",
+    )
+    ls.add_argument("--json", action="store_true", help="print JSON")
+
+    de = sub.add_parser("delete", help="remove a tree and everything it stored")
+    de.add_argument("tree_id")
+    de.add_argument("--force", action="store_true", help="cancel a running tree first")
+    de.add_argument("--json", action="store_true", help="print JSON")
+
+    pr = sub.add_parser("prune", help="remove the trees that ended before a given age")
+    pr.add_argument(
+        "--older-than",
+        type=duration,
+        required=True,
+        metavar="DURATION",
+        help="ended longer ago than this: 45s, 90m, 12h, 30d",
+    )
+    pr.add_argument(
+        "--status",
+        action="append",
+        choices=sorted(TREE_IDLE),
+        help="only trees in this status (repeatable; default: every ended status; "
+        "interrupted trees are pruned only when named, by their submission time)",
+    )
+    pr.add_argument("--json", action="store_true", help="print JSON")
 
     ex = sub.add_parser("export", help="a document of a tree: markdown or json")
     ex.add_argument("tree_id")
-    ex.add_argument("--format", choices=["markdown", "json"], default="markdown")
-    ex.add_argument("--output", "-o", help="file to write (default: standard output)")
+    ex.add_argument(
+        "--format", choices=["markdown", "json"], default="markdown", help="(default: markdown)"
+    )
+    ex.add_argument(
+        "--output", "-o", metavar="PATH", help="file to write (default: standard output)"
+    )
     return p
 
 
-def tree_json(tree: Tree) -> dict[str, Any]:
-    doc = tree.model_dump(exclude={"nodes"})
-    doc["tree_id"] = doc.pop("id")
-    doc["result"] = tree.result
-    doc["nodes"] = [n.model_dump() for n in tree.nodes]
-    return doc
-
-
-def exit_status(tree: Tree) -> int:
-    return EXIT_OK if tree.status == "completed" else EXIT_TREE_FAILED
-
-
-class Output:
-    """Where and how to print: Rich on a terminal, plain lines otherwise."""
-
-    def __init__(self) -> None:
-        self.console = Console()
-        self.err = Console(stderr=True)
-
-    def json(self, doc: Any) -> None:
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-
-    def follow(self, client: Client, tree_id: str) -> Tree:
-        """Wait for a tree, drawing it live on a terminal or printing event lines."""
-        if not self.console.is_terminal:
-
-            def plain(batch: Events) -> None:
-                for eid, ev in batch:
-                    print(render.event_line(eid, ev), flush=True)
-
-            return client.wait(tree_id, plain)
-        with Live(console=self.console, refresh_per_second=8, transient=False) as live:
-
-            def redraw(batch: Events) -> None:
-                live.update(render.tree_view(client.tree(tree_id)))
-
-            tree = client.wait(tree_id, redraw)
-            live.update(render.tree_view(tree))
-        return tree
-
-
-def cmd_submit(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    for flag in ("max_cost", "max_tokens", "max_children", "max_nodes"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be greater than 0")
-    if args.max_depth is not None and args.max_depth < 0:
-        raise InputError("--max-depth must be 0 or more")
-    spec = TreeSpec.build(
-        settings,
-        args.task,
-        persona=args.persona,
-        model=args.model,
-        max_depth=args.max_depth,
-        max_children=args.max_children,
-        max_nodes=args.max_nodes,
-        max_cost=args.max_cost,
-        max_tokens=args.max_tokens,
-        on_child_failure=args.on_child_failure,
-        single_call=args.single_call,
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="stop waiting after this long, exit status 1 (default: wait until the tree ends)",
     )
-    if args.no_wait and not settings.redis_url:
-        raise InputError("--no-wait needs TASKTREE_REDIS_URL and running workers")
-    with session(settings, worker=not args.no_wait) as client:
-        tree_id = client.submit(spec)
-        if args.no_wait:
-            out.json({"tree_id": tree_id}) if args.json else print(tree_id)
-            return EXIT_OK
-        tree = wait_interruptibly(client, tree_id, out, quiet=args.json)
-        if args.json:
-            out.json(tree_json(tree))
-        else:
-            out.console.print(render.tree_view(tree)) if not out.console.is_terminal else None
-            out.console.rule("result")
-            out.console.print(tree.result or "(no result)", markup=False, highlight=False)
-        return exit_status(tree)
-
-
-def wait_interruptibly(client: Client, tree_id: str, out: Output, quiet: bool) -> Tree:
-    """Wait; on Ctrl-C ask whether to cancel the tree or just detach."""
-    try:
-        return client.wait(tree_id) if quiet else out.follow(client, tree_id)
-    except KeyboardInterrupt:
-        if sys.stdin.isatty():
-            from rich.prompt import Confirm
-
-            if Confirm.ask(f"\nCancel tree {tree_id}? (no: detach and leave it running)"):
-                client.cancel(tree_id)
-                out.err.print(f"cancelling {tree_id}; waiting for running calls to end")
-                return client.wait(tree_id)
-        out.err.print(
-            f"detached from {tree_id}; follow it with: python -m tasktree watch {tree_id}"
-        )
-        raise SystemExit(130) from None
-
-
-def cmd_read(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    check_tree_id(args.tree_id)
-    with session(settings) as client:
-        if args.command == "watch":
-            tree = out.follow(client, args.tree_id)
-            if args.json:
-                out.json(tree_json(tree))
-            return exit_status(tree)
-        if args.command == "cancel":
-            status = client.cancel(args.tree_id)
-            out.json({"tree_id": args.tree_id, "status": status}) if args.json else print(
-                f"{args.tree_id} {status}"
-            )
-            return EXIT_OK
-        tree = client.tree(args.tree_id, with_nodes=args.command != "status")
-        if args.command == "status":
-            if args.json:
-                out.json(tree_json(tree))
-            else:
-                out.console.print(render.summary(tree))
-            return EXIT_OK
-        if args.command == "result":
-            if args.json:
-                out.json({"tree_id": tree.id, "status": tree.status, "result": tree.result})
-            else:
-                print(tree.result)
-            return exit_status(tree) if tree.terminal else EXIT_OK
-        if args.json:
-            out.json(tree_json(tree))
-        else:
-            out.console.print(render.tree_view(tree))
-        return EXIT_OK
-
-
-def cmd_show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    check_tree_id(args.tree_id)
-    check_node_id(args.node_id)
-    with session(settings) as client:
-        node = client.store.node(args.tree_id, args.node_id)
-    if args.json:
-        out.json(node.model_dump())
-        return EXIT_OK
-    for field, value in node.model_dump().items():
-        if isinstance(value, str) and "\n" in value:
-            out.console.print(f"[bold]{field}[/]:")
-            out.console.print(value, markup=False, highlight=False)
-        else:
-            out.console.print(f"[bold]{field}[/]: ", end="")
-            out.console.print(str(value), markup=False, highlight=False)
-    return EXIT_OK
-
-
-def cmd_list(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    from datetime import datetime
-
-    from rich.table import Table
-
-    with session(settings) as client:
-        trees = client.store.list_trees(args.limit)
-    if args.json:
-        out.json([tree_json(t) for t in trees])
-        return EXIT_OK
-    table = Table(box=None, pad_edge=False)
-    table.add_column("id", no_wrap=True, min_width=16)
-    table.add_column("submitted", no_wrap=True, min_width=14)
-    table.add_column("status", no_wrap=True, min_width=9)
-    table.add_column("nodes", no_wrap=True, justify="right", min_width=5)
-    table.add_column("cost", no_wrap=True, min_width=8)
-    table.add_column("task", overflow="ellipsis", no_wrap=True, ratio=1)
-    for t in trees:
-        table.add_row(
-            t.id,
-            datetime.fromtimestamp(t.created_at).strftime("%m-%d %H:%M:%S"),
-            t.status,
-            str(t.reserved),
-            render.money(t.cost_usd, t.cost_unknown),
-            render.short(t.task.splitlines()[0] if t.task else "", 50),
-        )
-    out.console.print(table)
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace, settings: Settings, out: Output) -> int:
-    check_tree_id(args.tree_id)
-    with session(settings) as client:
-        tree = client.tree(args.tree_id)
-    text = (
-        render.markdown(tree)
-        if args.format == "markdown"
-        else json.dumps(tree_json(tree), indent=2, default=str) + "\n"
-    )
-    if args.output:
-        try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text)
-        except OSError as e:
-            raise InputError(f"cannot write {args.output}: {e.strerror}") from None
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
-
-
-COMMANDS = {
-    "submit": cmd_submit,
-    "show": cmd_show,
-    "list": cmd_list,
-    "export": cmd_export,
-}
+    p.add_argument("--json", action="store_true", help="print only the final tree, as JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status. Only bugs print tracebacks."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Output()
+    scrubber = Scrubber([])  # key-shaped strings only, until the settings name the secrets
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog_name(sys.argv[0])).parse_args(argv)
         settings = load()
+        scrubber = Scrubber.of(settings)
+        scrub.install(scrubber)
         return COMMANDS.get(args.command, cmd_read)(args, settings, out)
     except TaskTreeError as e:
-        sys.stderr.write(f"tasktree: error: {' '.join(str(e).split())}\n")
+        out.say(f"error: {scrubber(' '.join(str(e).split()))}")
         return e.exit_status
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `| head` closed the pipe: stop quietly
+        return EXIT_BROKEN_PIPE
+
+
+def run() -> None:
+    """The console script. It leaves at once: everything it owed is stored or printed, and a
+    model call abandoned by Ctrl-C would otherwise hold the interpreter's exit (which joins
+    the worker pool's threads) until the call's timeout."""
+    try:
+        code = main()
+    except SystemExit as e:  # --help and --version
+        code = e.code if isinstance(e.code, int) else 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    sys.stderr.flush()
+    os._exit(code)

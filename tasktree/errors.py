@@ -27,6 +27,10 @@ class PayloadError(TaskTreeError):
     """Raised when a task message does not decode or validate against agent.proto."""
 
 
+class FencedError(TaskTreeError):
+    """Raised when a write comes from a run whose claim on the step passed to another run."""
+
+
 class EmbeddedError(TaskTreeError):
     """Raised when the embedded Redis cannot be started."""
 
@@ -38,12 +42,17 @@ class LLMError(TaskTreeError):
 class TransientLLMError(LLMError):
     """Raised when a model call failed in a way worth retrying later (429, 5xx, timeout)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, rate_limited: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.rate_limited = rate_limited  # the provider said 429: the model's limit adapts down
+        self.failures = 0  # failed calls of the step so far, once counted in the store
+        self.delay = 0.0  # seconds until the next try
 
 
-class TreeFailed(TaskTreeError):
-    """Raised by the CLI's wait when a tree ends in a status other than completed."""
+class WaitTimeout(TaskTreeError):
+    """Raised when a tree is still running after the time a caller would wait for it."""
 
     exit_status = 1

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasktree.errors import InputError
+from tasktree.keys import ROOT
 from tasktree.proto import SubTaskRequest, TaskRequest
 from tasktree.settings import Settings
+from tasktree.states import NODE_TERMINAL, TREE_IDLE, TREE_TERMINAL, NodeStatus, TreeStatus
 
 DEFAULT_PERSONA = (
     "You are a capable generalist who plans carefully and delivers complete, "
     "well-structured answers."
 )
-NODE_TERMINAL = frozenset({"completed", "failed", "cancelled", "budget_exhausted"})
-TREE_TERMINAL = frozenset(
-    {"completed", "completed_with_errors", "failed", "cancelled", "budget_exhausted"}
-)
+
 ChildFailure = Literal["continue", "fail"]
 
 
@@ -40,6 +40,19 @@ def check_text(name: str, value: object, limit: int) -> str:
         if cat == "Cc":
             raise InputError(f"{name} contains a control character (U+{ord(ch):04X})")
     return value
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One model call's answer and what it cost."""
+
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    cost_known: bool
+    latency: float
 
 
 class TreeSpec(BaseModel):
@@ -79,10 +92,14 @@ class TreeSpec(BaseModel):
 
 
 def _pydantic_from_proto(message_cls: Any) -> Any:
-    """A pydantic model with the string fields of a proto message: one schema, not two."""
-    fields: dict[str, Any] = {
-        f.name: (str, ...) for f in message_cls.DESCRIPTOR.fields if f.type == f.TYPE_STRING
-    }
+    """A pydantic model of a proto message's string fields (required) and repeated integer
+    fields (optional lists): one schema, not two."""
+    fields: dict[str, Any] = {}
+    for f in message_cls.DESCRIPTOR.fields:
+        if f.type == f.TYPE_STRING and not f.is_repeated:
+            fields[f.name] = (str, ...)
+        elif f.type == f.TYPE_UINT32 and f.is_repeated:
+            fields[f.name] = (list[int], Field(default_factory=list))
     return create_model(message_cls.__name__, **fields)
 
 
@@ -106,15 +123,17 @@ class Node(BaseModel):
     depth: int = 0
     persona: str = ""
     instructions: str = ""
-    status: str = "queued"
+    status: NodeStatus = NodeStatus.QUEUED
     decision: str = ""
     reason: str = ""
     result: str = ""
     error: str = ""
     children: list[str] = Field(default_factory=list)
+    after: list[str] = Field(default_factory=list)  # the siblings it starts after
     notes: list[str] = Field(default_factory=list)
     context_keys: list[str] = Field(default_factory=list)
     worker: str = ""
+    waiting: str = ""  # why its call waits (a shared model limit), until the call is made
     model: str = ""
     created_at: float = 0.0
     started_at: float | None = None
@@ -128,6 +147,17 @@ class Node(BaseModel):
     lat_decide: float = 0.0
     lat_execute: float = 0.0
     lat_synthesize: float = 0.0
+    call_at: float | None = None  # when the current model call started
+    retry_at: float | None = None  # when the next try of a failed call is due
+    last_error: str = ""  # the last failed call's reason
+    failed_decide: int = 0
+    failed_execute: int = 0
+    failed_synthesize: int = 0
+    waste_calls: int = 0  # calls paid by a run that had lost its claim: not in the usage
+    waste_tokens: int = 0
+    waste_cost_usd: float = 0.0
+    # What `retry` replaced: each attempt's status, result, error, calls, when and why.
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Node:
@@ -135,7 +165,8 @@ class Node(BaseModel):
         d: dict[str, Any] = dict(h)
         d["parent_id"] = d.pop("parent", "")
         d["children"] = [c for c in d.get("children", "").split(",") if c]
-        for key in ("notes", "context_keys"):
+        d["after"] = [c for c in d.get("after", "").split(",") if c]
+        for key in ("notes", "context_keys", "attempts"):
             value = json.loads(d[key]) if d.get(key) else []
             d[key] = value if isinstance(value, list) else []  # Lua's cjson writes [] as {}
         d["cost_unknown"] = d.get("cost_unknown") == "1"
@@ -148,6 +179,15 @@ class Node(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in NODE_TERMINAL
+
+    @property
+    def failed_calls(self) -> int:
+        return self.failed_decide + self.failed_execute + self.failed_synthesize
+
+    @property
+    def clamped(self) -> bool:
+        """The budgets cut this node's decomposition (see its notes)."""
+        return any(n.startswith("clamped") for n in self.notes)
 
     def request(self, tree_id: str) -> TaskRequest:
         """The task message that runs this node."""
@@ -167,7 +207,7 @@ class Tree(BaseModel):
     id: str
     task: str = ""
     persona: str = ""
-    status: str = "running"
+    status: TreeStatus = TreeStatus.RUNNING
     model: str = ""
     created_at: float = 0.0
     finished_at: float | None = None
@@ -178,6 +218,8 @@ class Tree(BaseModel):
     max_tokens: int = 0
     on_child_failure: str = "continue"
     single_call: bool = False
+    queue: str = ""
+    synth_queue: str = ""
     reserved: int = 0
     done: int = 0
     failed: int = 0
@@ -186,6 +228,9 @@ class Tree(BaseModel):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     cost_unknown: bool = False
+    waste_calls: int = 0
+    waste_tokens: int = 0
+    waste_cost_usd: float = 0.0
     nodes: list[Node] = Field(default_factory=list)
 
     @classmethod
@@ -205,8 +250,13 @@ class Tree(BaseModel):
         return self.status in TREE_TERMINAL
 
     @property
+    def idle(self) -> bool:
+        """No worker works on it: it ended, or it is interrupted until resumed."""
+        return self.status in TREE_IDLE
+
+    @property
     def root(self) -> Node | None:
-        return next((n for n in self.nodes if n.id == "0"), None)
+        return next((n for n in self.nodes if n.id == ROOT), None)
 
     @property
     def result(self) -> str:

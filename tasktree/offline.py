@@ -1,4 +1,4 @@
-"""The built-in offline model: deterministic placeholder text, registered as a litellm provider."""
+"""The built-in offline model: deterministic placeholder text, no network and no weights."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import json
 import math
 import random
 import re
-import time
 from typing import Any
 
 from tasktree import prompts
 from tasktree.settings import Settings, parse_latency
+from tasktree.states import Step
 
-PROVIDER = "tasktree-offline"
 NOTICE = (
     "[offline placeholder text: tasktree's built-in model wrote this; no real model was called]"
 )
@@ -34,14 +33,26 @@ def count_tokens(text: str) -> int:
 
 def parts_of(task: str) -> tuple[str, list[str]]:
     """Split 'X. This includes a, b, and c.' into ('X', ['a', 'b', 'c'])."""
+    objective, items, _ = ordered_parts_of(task)
+    return objective, items
+
+
+def ordered_parts_of(task: str) -> tuple[str, list[str], list[bool]]:
+    """parts_of, and for each part whether it comes after the one before it:
+    'This includes a design, then the code, then the tests.' orders all three."""
     m = _LIST_RE.search(task)
     if not m:
-        return task, []
-    items = re.split(r",\s*(?:and\s+)?|\s+and\s+", m.group(1).strip())
-    items = [re.sub(r"^(?:the|a|an)\s+", "", i.strip(" .;:"), flags=re.I) for i in items]
-    items = [i for i in items if i]
+        return task, [], []
+    raw = re.split(r",\s*(?:and\s+)?|\s+and\s+", m.group(1).strip())
+    then = [bool(re.match(r"then\s+", i.strip(), flags=re.I)) for i in raw]
+    items = [
+        re.sub(r"^(?:then\s+)?(?:(?:the|a|an)\s+)?", "", i.strip(" .;:"), flags=re.I) for i in raw
+    ]
+    kept = [(i, t) for i, t in zip(items, then, strict=True) if i]
     objective = task[: m.start()].strip().rstrip(".,;:") or task
-    return objective, items if len(items) >= 2 else []
+    if len(kept) < 2:
+        return objective, [], []
+    return objective, [i for i, _ in kept], [t for _, t in kept]
 
 
 class OfflineModel:
@@ -51,15 +62,25 @@ class OfflineModel:
         self.latency = parse_latency(settings.offline_latency)
         self.fanout = settings.offline_fanout
         self.seed = settings.offline_seed
+        self.fail = settings.offline_fail
 
-    def reply(self, messages: list[dict[str, Any]]) -> str:
+    def fails(self, messages: list[dict[str, Any]]) -> bool:
+        """Whether this call is one of the `offline_fail` share that fail: by a hash of the
+        prompt and the seed, so the same call always answers the same way."""
+        if self.fail <= 0:
+            return False
+        digest = hashlib.sha256(f"fail:{self.seed}:{json.dumps(messages)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.fail
+
+    def reply(self, step: Step, messages: list[dict[str, Any]]) -> str:
+        """The answer to one call of `step`."""
         system = str(messages[0].get("content", "")) if messages else ""
         last = str(messages[-1].get("content", "")) if messages else ""
         task_m = _TASK_RE.search(last) or _TASK_RE.search(system)
         task = task_m.group(1) if task_m else last
-        if system.startswith((prompts.DECIDE_TAG, prompts.SINGLE_TAG)):
+        if step == Step.DECIDE:
             return self._decide(task, single=system.startswith(prompts.SINGLE_TAG))
-        if last.startswith(prompts.SYNTH_TAG):
+        if step == Step.SYNTHESIZE:
             parts = _CONTEXT_RE.findall(last)
             lines = [f"- {key}: {value.splitlines()[-1][:160]}" for key, value in parts]
             return f"{NOTICE}\nSynthesis of {len(parts)} parts for: {_short(task)}\n" + "\n".join(
@@ -79,17 +100,18 @@ class OfflineModel:
             return json.dumps(
                 {"decision": "delegate", "reason": "offline fan-out", "sub_tasks": subs}
             )
-        objective, items = parts_of(task)
+        objective, items, then = ordered_parts_of(task)
         if items:
-            subs = [
+            ordered: list[dict[str, Any]] = [
                 {
                     "requested_persona": f"You are an expert in {item}.",
                     "task_details": f"Produce the {item} for: {objective}.",
+                    **({"depends_on": [i]} if after else {}),  # 1-based: the part before
                 }
-                for item in items
+                for i, (item, after) in enumerate(zip(items, then, strict=True))
             ]
             reason = f"the task names {len(items)} parts"
-            return json.dumps({"decision": "delegate", "reason": reason, "sub_tasks": subs})
+            return json.dumps({"decision": "delegate", "reason": reason, "sub_tasks": ordered})
         doc: dict[str, Any] = {"decision": "execute", "reason": "a single part", "sub_tasks": []}
         if single:
             doc["answer"] = f"{NOTICE}\nA response to {_short(task)}"
@@ -108,34 +130,3 @@ class OfflineModel:
 def _short(text: str, n: int = 100) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def make_provider(settings: Settings) -> Any:
-    """The litellm CustomLLM handler for the offline model (imports litellm)."""
-    import litellm
-    from litellm.llms.custom_llm import CustomLLM
-
-    model = OfflineModel(settings)
-
-    class Handler(CustomLLM):  # type: ignore[misc]
-        def completion(self, *args: Any, **kwargs: Any) -> Any:
-            messages = kwargs.get("messages") or []
-            pause = model.delay(messages)
-            if pause:
-                time.sleep(pause)
-            text = model.reply(messages)
-            prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
-            completion_tokens = count_tokens(text)
-            return litellm.ModelResponse(
-                model=kwargs.get("model", ""),
-                choices=[
-                    {"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                ],
-                usage={
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            )
-
-    return Handler()

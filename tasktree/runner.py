@@ -2,53 +2,85 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from tasktree import agent
-from tasktree.errors import LLMError, NotFoundError, StoreError, TransientLLMError
-from tasktree.llm import Reply
-from tasktree.models import Node
+from tasktree import agent, keys
+from tasktree.errors import FencedError, LLMError, NotFoundError, StoreError, TransientLLMError
+from tasktree.leases import Leases
+from tasktree.limits import Limit
+from tasktree.llm import Complete, estimate
+from tasktree.models import Reply
 from tasktree.proto import TaskRequest
-from tasktree.settings import Settings
+from tasktree.settings import OFFLINE_MODEL, Settings
+from tasktree.states import NODE_TERMINAL, NodeStatus, Step, TreeStatus, Verdict
 from tasktree.store import Gate, Store
 
 log = logging.getLogger(__name__)
 
-Complete = Callable[[Settings, str, list[dict[str, str]], bool], Reply]
+#: How often a node that starts after its siblings looks whether they are done (seconds).
+AFTER_POLL = 1.0
 
 
-@dataclass
-class Outcome:
-    """What the Celery glue does next."""
+@dataclass(frozen=True)
+class Done:
+    """The run is over for this message: ack it, with the node's status."""
 
-    kind: str  # "done" | "delegate" | "retry"
-    status: str = ""
+    status: str
     error: str = ""
-    children: list[TaskRequest] = field(default_factory=list)
-    countdown: float = 0.0
 
 
-class Stop(Exception):
-    """The gate said no to an LLM call."""
+@dataclass(frozen=True)
+class Delegate:
+    """Fan the node out: run these children on the tree's queue, then the node's synthesis."""
 
-    def __init__(self, gate: Gate, step: str) -> None:
+    children: list[TaskRequest]
+    queue: str
+    synth_queue: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Run this message again after `countdown` seconds, for `reason`."""
+
+    countdown: float
+    reason: str
+
+
+Outcome = Done | Delegate | Retry
+
+
+class RateLimited(Exception):
+    """The model's shared limit is full: run this message again in `delay` seconds."""
+
+    def __init__(self, why: str, delay: float) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
+class GateRefused(Exception):
+    """Raised when the gate refuses a model call (the verdict says why)."""
+
+    def __init__(self, gate: Gate, step: Step) -> None:
         super().__init__(gate.verdict)
         self.gate = gate
         self.step = step
 
 
-def backoff(settings: Settings, attempt: int, retry_after: float | None) -> float:
+def backoff(settings: Settings, failures: int, retry_after: float | None) -> float:
     """Exponential backoff with full jitter; a provider's Retry-After wins when longer."""
-    delay = random.uniform(0, settings.llm_backoff * (2**attempt))
+    delay = random.uniform(0, settings.llm_backoff * (2**failures))
     return max(delay, retry_after or 0.0)
 
 
 class NodeRun:
-    """Everything one task run needs: the store, the settings, which node, which worker."""
+    """Everything one task run needs: the store, the settings, the model, which node, where."""
 
     def __init__(
         self,
@@ -57,38 +89,73 @@ class NodeRun:
         tree_id: str,
         node_id: str,
         worker: str,
-        attempt: int = 0,
-        complete: Complete | None = None,
+        complete: Complete,
+        leases: Leases | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.tree_id = tree_id
         self.node_id = node_id
         self.worker = worker
-        self.attempt = attempt
         self.token = uuid.uuid4().hex
+        self.calls = 0  # model calls this run made: with the token, each call's id
+        self.step_calls: dict[str, int] = {}  # calls per step this run: which kept reply is next
+        self.ended = False  # the run ended in the store (with the finish that closed its node)
         self.tree: dict[str, str] = {}
         self.node: dict[str, str] = {}
-        if complete is None:
-            from tasktree.llm import complete as llm_complete
-
-            complete = llm_complete
         self._complete = complete
+        self.leases = leases
 
-    # -- the LLM call, gated and recorded --------------------------------------------------
+    # -- the model call, gated and recorded ------------------------------------------------
 
-    def call(self, step: str, messages: list[dict[str, str]], json_mode: bool) -> Reply:
-        running = {"decide": "deciding", "execute": "executing", "synthesize": "synthesizing"}[step]
-        gate = self.store.gate(self.tree_id, self.node_id, step, self.token, running, self.worker)
-        if gate.verdict != "OK":
-            raise Stop(gate, step)
+    def call(self, step: Step, messages: list[dict[str, str]], json_mode: bool) -> Reply:
+        kept = self._kept(step)
+        if kept is not None:
+            return kept
+        running = step.running
         model = self.settings.model_for(step, self.tree.get("model") or None)
+        reserve = self._reservation(model, messages)
+        gate = self.store.gate(
+            self.tree_id, self.node_id, step, self.token, running, self.worker, reserve
+        )
+        if gate.verdict != Verdict.OK:
+            raise GateRefused(gate, step)
+        cap = int(float(gate.detail or 0))  # the completion cap the budget left fits
+        self.calls += 1
+        call_id = f"{self.token}:{self.calls}"
+        slot = self._slot(model, step, call_id)
+        log.info("tree %s node %s %s (%s)", self.tree_id, self.node_id, running, model)
+        if self.leases is not None:
+            self.leases.hold(self.tree_id, self.node_id, step, self.token)
+        outcome = "0"  # for the model's shared limit: "200" answered, "429" rate limited
         try:
-            reply = self._complete(self.settings, model, messages, json_mode)
+            reply = self._ask(step, model, messages, json_mode, cap)
+            outcome = "200"
+        except TransientLLMError as e:
+            outcome = "429" if e.rate_limited else "0"
+            # Retries count failed model calls of this step, kept in the node: lease waits,
+            # redeliveries and Redis outages never use them up.
+            before = int(self.node.get(f"failed_{step}", 0) or 0)
+            e.delay = backoff(self.settings, before, e.retry_after)
+            e.failures = self.store.call_failed(
+                self.tree_id,
+                self.node_id,
+                step,
+                str(e),
+                time.time() + e.delay,
+                call_id=call_id,
+            )
+            self.store.release(self.tree_id, self.node_id, step, self.token)
+            raise
         except LLMError:
             self.store.release(self.tree_id, self.node_id, step, self.token)
             raise
-        self.store.record_call(
+        finally:
+            if self.leases is not None:
+                self.leases.drop(self.tree_id, self.node_id, step, self.token)
+            if slot is not None:
+                self._free(model, call_id, outcome, slot)
+        recorded = self.store.record_call(
             self.tree_id,
             self.node_id,
             step,
@@ -98,127 +165,236 @@ class NodeRun:
             reply.cost_usd,
             reply.cost_known,
             reply.latency,
+            token=self.token,
+            call_id=call_id,
+            text=reply.text,
         )
+        if recorded == -1:
+            raise NotFoundError(f"tree {self.tree_id} no longer exists (the store was reset?)")
+        if recorded == 2:
+            log.warning(
+                "tree %s node %s: this run lost its claim during the call; usage kept as waste",
+                self.tree_id,
+                self.node_id,
+            )
+            raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
         return reply
 
-    def finish(self, status: str, **kw: object) -> Outcome:
-        self.store.finish(self.tree_id, self.node_id, status, worker=self.worker, **kw)  # type: ignore[arg-type]
-        return Outcome("done", status=status, error=str(kw.get("error", "")))
+    def _ask(
+        self, step: Step, model: str, messages: list[dict[str, str]], json_mode: bool, cap: int
+    ) -> Reply:
+        """The model call itself; with a reservation, its completion stops at `cap` tokens."""
+        if cap:
+            return self._complete(step, model, messages, json_mode, max_tokens=cap)
+        return self._complete(step, model, messages, json_mode)
+
+    def _reservation(
+        self, model: str, messages: list[dict[str, str]]
+    ) -> tuple[int, int, float, float]:
+        """What the gate reserves of a token or cost budget before this call: the completion
+        cap, the prompt's tokens counted here, the model's prices. Nothing without a budget."""
+        if not (float(self.tree.get("max_cost") or 0) or int(self.tree.get("max_tokens") or 0)):
+            return (0, 0, 0.0, 0.0)
+        e = estimate(self.settings, model, messages)
+        return (self.settings.max_completion_tokens, e.prompt_tokens, e.input_cost, e.output_cost)
+
+    def _slot(self, model: str, step: Step, call_id: str) -> Limit | None:
+        """Take a slot under the model's limits shared by every worker (the offline model
+        with no limit configured needs none). Full: let the claim go and run again later,
+        holding no thread while waiting."""
+        limit = self.settings.limit_for(model)
+        if not limit and model == OFFLINE_MODEL:
+            return None
+        full = self.store.take_slot(model, call_id, limit)
+        if full is None:
+            if self.leases is not None:
+                self.leases.hold_slot(model, call_id)
+            return limit
+        what, seconds = full
+        self.store.release(self.tree_id, self.node_id, step, self.token)
+        why = f"waiting for rate limit ({model}: {what}, {limit})"
+        self.store.note_waiting(self.tree_id, self.node_id, why)
+        raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
+
+    def _free(self, model: str, call_id: str, outcome: str, limit: Limit) -> None:
+        if self.leases is not None:
+            self.leases.drop_slot(model, call_id)
+        self.store.free_slot(model, call_id, outcome, limit)
+
+    def _kept(self, step: Step) -> Reply | None:
+        """The reply an earlier run of this step paid for and recorded but died before storing
+        the step's outcome: replayed in call order at no cost, so no recorded call is paid twice."""
+        n = self.step_calls.get(step, 0)
+        self.step_calls[step] = n + 1
+        kept = json.loads(self.node.get(f"kept_{step}") or "[]")
+        if n >= len(kept):
+            return None
+        log.info("tree %s node %s %s: replaying a kept reply", self.tree_id, self.node_id, step)
+        return Reply(kept[n], self.node.get("model", ""), 0, 0, 0.0, True, 0.0)
+
+    def finish(self, status: NodeStatus, **kw: Any) -> Done:
+        closed = self.store.finish(
+            self.tree_id, self.node_id, status, worker=self.worker, token=self.token, **kw
+        )
+        self.ended = closed == "OK"  # closing the node ended this run too
+        if closed == "FENCED":
+            raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
+        why = kw.get("error") or kw.get("note") or ""
+        log.info("tree %s node %s %s%s", self.tree_id, self.node_id, status, f": {why}" * bool(why))
+        return Done(status, error=self.store.scrub(str(kw.get("error", ""))))
 
     # -- entry points ---------------------------------------------------------------------
 
     def run_node(self, request: TaskRequest) -> Outcome:
         """The node task: decide (or reuse the stored decision), then execute or delegate."""
-        return self._guarded(lambda: self._node(request), step="execute")
+        return self._guarded(lambda: self._node(request), Step.EXECUTE)
 
     def run_synthesis(self) -> Outcome:
         """The chord callback: once every child is closed, synthesize from what they stored."""
-        return self._guarded(self._synthesis, step="synthesize")
+        from tasktree.synthesis import synthesize
 
-    def _guarded(self, body: Callable[[], Outcome], step: str) -> Outcome:
-        self.tree, self.node, open_runs = self.store.begin_run(self.tree_id, self.node_id)
+        return self._guarded(lambda: synthesize(self), Step.SYNTHESIZE)
+
+    def _guarded(self, body: Callable[[], Outcome], step: Step) -> Outcome:
+        self.tree, self.node, open_runs = self.store.begin_run(
+            self.tree_id, self.node_id, self.token
+        )
         if not self.tree or not self.node.get("status"):
             log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)
-            return Outcome("done", status="missing", error="no such node")
+            return Done("missing", error="no such node")
         try:
-            if self.node["status"] in ("completed", "failed", "cancelled", "budget_exhausted"):
-                return Outcome("done", status=self.node["status"])
-            if open_runs > self.settings.max_deliveries:
-                return self.finish(
-                    "failed",
-                    error=f"gave up: {open_runs - 1} earlier runs of this node ended in a crash",
-                )
-            try:
-                return body()
-            except Stop as s:
-                return self._stopped(s)
-            except NotFoundError as e:  # the tree was deleted under us
-                log.error("%s; dropping", e)
-                return Outcome("done", status="missing", error=str(e))
-            except TransientLLMError as e:
-                if self.attempt < self.settings.llm_max_retries:
-                    return Outcome(
-                        "retry", countdown=backoff(self.settings, self.attempt, e.retry_after)
-                    )
-                return self.finish(
-                    "failed", error=f"{e} (after {self.attempt + 1} attempts)", step=step
-                )
-            except LLMError as e:
-                return self.finish("failed", error=str(e), step=step)
-            except StoreError:
-                raise  # Redis is away: the task retries later
-            except Exception as e:  # a bug: log it, fail this node, and let the tree go on
-                log.exception("node %s of tree %s crashed", self.node_id, self.tree_id)
-                return self.finish(
-                    "failed", error=f"internal error: {type(e).__name__}: {e}", step=step
-                )
+            return self._checked(body, step, open_runs)
         finally:
-            self.store.end_run(self.tree_id, self.node_id)
+            if not self.ended:
+                self.store.end_run(self.tree_id, self.node_id, self.token)
 
-    def _stopped(self, s: Stop) -> Outcome:
-        verdict = s.gate.verdict
-        if verdict == "BUSY":  # another run holds this step: look again when its lease may be up
-            pttl = max(0, int(s.gate.detail or 0)) / 1000
-            return Outcome("retry", countdown=min(max(pttl, 0.2), 2.0))
-        if verdict == "DONE":
+    def _needless(self, open_runs: int) -> Done | None:
+        """This message need not run: the tree is interrupted, the node closed, or poisoned."""
+        if self.tree.get("status") == TreeStatus.INTERRUPTED:  # `resume` re-sends it later
+            log.info("tree %s is interrupted; dropping node %s", self.tree_id, self.node_id)
+            return Done(TreeStatus.INTERRUPTED)
+        if self.node["status"] in NODE_TERMINAL:
+            return Done(self.node["status"])
+        if open_runs > self.settings.max_deliveries:
+            why = f"gave up: {open_runs - 1} earlier runs of this node ended in a crash"
+            return self.finish(NodeStatus.FAILED, error=why)
+        return None
+
+    def _checked(self, body: Callable[[], Outcome], step: Step, open_runs: int) -> Outcome:
+        try:
+            return self._needless(open_runs) or body()
+        except GateRefused as refused:
+            return self._refused(refused)
+        except RateLimited as e:
+            return Retry(e.delay, reason=str(e))
+        except FencedError as e:  # the run holding the claim writes the outcome
+            log.warning("tree %s: %s", self.tree_id, e)
+            return Retry(0.5, reason=str(e))
+        except NotFoundError as e:  # the tree was deleted under us
+            log.error("%s; dropping", e)
+            return Done("missing", error=str(e))
+        except TransientLLMError as e:
+            if 0 <= e.failures <= self.settings.llm_max_retries:
+                return Retry(e.delay, reason=f"model call failed: {e}")
+            why = f"{e} (after {max(e.failures, 1)} failed calls)"
+            return self.finish(NodeStatus.FAILED, error=why, step=step)
+        except LLMError as e:
+            return self.finish(NodeStatus.FAILED, error=str(e), step=step)
+        except StoreError:
+            raise  # Redis is away: the task retries later
+        except Exception as e:  # a bug fails its node (logged) and the tree goes on
+            log.exception("node %s of tree %s crashed", self.node_id, self.tree_id)
+            why = f"internal error: {type(e).__name__}: {e}"
+            return self.finish(NodeStatus.FAILED, error=why, step=step)
+
+    def _refused(self, refused: GateRefused) -> Outcome:
+        verdict, detail = refused.gate.verdict, refused.gate.detail
+        if verdict == Verdict.BUSY:  # another run holds this step: look when its lease may be up
+            pttl = max(0, int(detail or 0)) / 1000
+            return Retry(min(max(pttl, 0.2), 2.0), reason="another run holds the step")
+        if verdict == Verdict.DONE:
             node = self.store.node(self.tree_id, self.node_id)
             if node.terminal:
-                return Outcome("done", status=node.status)
-            return Outcome("retry", countdown=0.2)  # decided elsewhere: run again to follow it
-        if verdict == "MISSING":
-            return Outcome("done", status="missing", error="no such node")
-        if s.step == "synthesize":
-            return self._close_parent_without_model(verdict, s.gate.detail)
-        if verdict == "CANCELLED":
-            return self.finish(
-                "cancelled", note="tree cancelled before this node's model call", step=s.step
-            )
-        return self.finish(
-            "budget_exhausted",
-            note=f"{s.gate.detail} budget spent before this node's model call",
-            step=s.step,
-        )
+                return Done(node.status)
+            return Retry(0.2, reason="decided by another run: follow its decision")
+        if verdict == Verdict.MISSING:
+            return Done("missing", error="no such node")
+        if verdict == Verdict.INTERRUPTED:  # the node stays open; `resume` runs it again
+            return Done(TreeStatus.INTERRUPTED)
+        if refused.step == Step.SYNTHESIZE:
+            from tasktree.synthesis import close_without_model
+
+            return close_without_model(self, verdict, detail)
+        if verdict == Verdict.CANCELLED:
+            note = "tree cancelled before this node's model call"
+            return self.finish(NodeStatus.CANCELLED, note=note, step=refused.step)
+        note = f"{detail} budget spent before this node's model call"
+        return self.finish(NodeStatus.BUDGET_EXHAUSTED, note=note, step=refused.step)
 
     # -- the node ---------------------------------------------------------------------------
 
+    def _prerequisites(self) -> Retry | dict[str, str]:
+        """The results of the siblings this node starts after, as its context; or a Retry
+        (no thread held) while any of them is open."""
+        after = [a for a in self.node.get("after", "").split(",") if a]
+        if not after:
+            return {}
+        before = self.store.nodes(self.tree_id, after)
+        waiting = [n.id for n in before if not n.terminal]
+        if waiting:
+            why = f"after {', '.join(waiting)}"
+            if self.node.get("waiting") != why:
+                self.store.note_waiting(self.tree_id, self.node_id, why)
+            return Retry(AFTER_POLL, reason=why)
+        return {f"{n.id} {n.persona}": n.result for n in before if n.status == "completed"}
+
     def _node(self, request: TaskRequest) -> Outcome:
-        node = self.node
+        ready = self._prerequisites()
+        if isinstance(ready, Retry):
+            return ready
         persona, task = request.persona_prompt, request.task_instructions
-        if "decision" not in node:
-            self._decide(persona, task, int(node.get("depth", request.depth)))
+        if "decision" not in self.node:
+            self._decide(persona, task, int(self.node.get("depth", request.depth)))
             self.node = self.store.node_hash(self.tree_id, self.node_id)
-        if self.node.get("status") in ("completed", "failed", "cancelled", "budget_exhausted"):
-            return Outcome("done", status=self.node["status"])
+        if self.node.get("status") in NODE_TERMINAL:
+            return Done(self.node["status"])
         if self.node.get("decision") == "delegate":
-            return self._delegate()
-        context = dict(request.context_data)
+            ids = [c for c in self.node.get("children", "").split(",") if c]
+            children = self.store.nodes(self.tree_id, ids)
+            return Delegate(
+                [c.request(self.tree_id) for c in children],
+                self.tree.get("queue") or self.settings.node_queue,
+                self.tree.get("synth_queue") or self.settings.synth_queue,
+            )
+        context = {**ready, **request.context_data}
         reply = agent.execute(self.call, persona, task, context or None)
-        return self.finish("completed", result=reply.text, context_keys=list(context) or None)
+        return self.finish(
+            NodeStatus.COMPLETED, result=reply.text, context_keys=list(context) or None
+        )
+
+    def _lineage(self, persona: str, task: str) -> set[tuple[str, str]]:
+        """The loop guard's keys of this node's task and its ancestors' (one round trip)."""
+        above = self.store.nodes(self.tree_id, keys.ancestors(self.node_id))
+        pairs = [(persona, task), *((n.persona, n.instructions) for n in above)]
+        return {agent.same_task_key(p, t) for p, t in pairs}
 
     def _decide(self, persona: str, task: str, depth: int) -> None:
         tree = self.tree
-        single = tree.get("single_call") == "1"
         if depth >= int(tree["max_depth"]):
-            self.store.decide(
-                self.tree_id,
-                self.node_id,
-                "execute",
-                "depth limit reached",
-                [],
-                ["depth limit: decision call skipped"],
-                self.worker,
+            skipped = ["depth limit: decision call skipped"]
+            plan = agent.Plan("execute", "depth limit reached", notes=skipped)
+        else:
+            plan = agent.decide(
+                self.call,
+                persona,
+                task,
+                max_children=int(tree["max_children"]),
+                persona_limit=self.settings.max_persona_chars,
+                task_limit=self.settings.max_task_chars,
+                single_call=tree.get("single_call") == "1",
+                lineage=lambda: self._lineage(persona, task),
             )
-            return
-        plan = agent.decide(
-            self.call,
-            persona,
-            task,
-            max_children=int(tree["max_children"]),
-            persona_limit=self.settings.max_persona_chars,
-            task_limit=self.settings.max_task_chars,
-            single_call=single,
-        )
-        decision, _ = self.store.decide(
+        decision, children = self.store.decide(
             self.tree_id,
             self.node_id,
             plan.decision,
@@ -226,77 +402,9 @@ class NodeRun:
             plan.sub_tasks,
             plan.notes,
             self.worker,
+            token=self.token,
         )
+        into = f" into {len(children)} sub-tasks" if children else ""
+        log.info("tree %s node %s decided %s%s", self.tree_id, self.node_id, decision, into)
         if decision == "execute" and plan.answer:  # single-call mode answered in the same call
-            self.store.finish(
-                self.tree_id,
-                self.node_id,
-                "completed",
-                result=plan.answer,
-                worker=self.worker,
-                step="decide",
-            )
-
-    def _delegate(self) -> Outcome:
-        ids = [c for c in self.node.get("children", "").split(",") if c]
-        children = self.store.nodes(self.tree_id, ids)
-        return Outcome("delegate", children=[c.request(self.tree_id) for c in children])
-
-    # -- the synthesis ----------------------------------------------------------------------
-
-    def _children(self) -> tuple[list[Node], dict[str, str], dict[str, str]]:
-        ids = [c for c in self.node.get("children", "").split(",") if c]
-        children = self.store.nodes(self.tree_id, ids)
-        context = {f"{c.id} {c.persona}": c.result for c in children if c.status == "completed"}
-        failed = {
-            f"{c.id} {c.persona}": c.error or c.status for c in children if c.status != "completed"
-        }
-        return children, context, failed
-
-    def _synthesis(self) -> Outcome:
-        children, context, failed = self._children()
-        if not children or any(not c.terminal for c in children):
-            # The chord fired early (a duplicate delivery counted twice): wait for the rest.
-            return Outcome("retry", countdown=0.5)
-        task, persona = self.node["instructions"], self.node["persona"]
-        failures = [c for c in children if c.status == "failed"]
-        if failures and self.tree.get("on_child_failure") == "fail":
-            first = failures[0]
-            return self.finish(
-                "failed", error=f"child {first.id} failed: {first.error}", step="synthesize"
-            )
-        if not context:
-            statuses = {c.status for c in children}
-            status = (
-                "failed"
-                if "failed" in statuses
-                else ("budget_exhausted" if "budget_exhausted" in statuses else "cancelled")
-            )
-            why = {
-                "failed": "every child failed",
-                "budget_exhausted": "budget spent before any child produced a result",
-                "cancelled": "tree cancelled before any child produced a result",
-            }[status]
-            return self.finish(
-                status,
-                error=why if status == "failed" else "",
-                result=agent.assemble(task, context, failed, why),
-                note=why,
-                step="synthesize",
-            )
-        reply = agent.synthesize(self.call, persona, task, context, failed)
-        return self.finish(
-            "completed", result=reply.text, context_keys=list(context), step="synthesize"
-        )
-
-    def _close_parent_without_model(self, verdict: str, detail: str) -> Outcome:
-        _, context, failed = self._children()
-        status = "cancelled" if verdict == "CANCELLED" else "budget_exhausted"
-        why = "tree cancelled" if status == "cancelled" else f"{detail} budget spent"
-        return self.finish(
-            status,
-            result=agent.assemble(self.node["instructions"], context, failed, why),
-            note=f"{why}: kept the children's results without a synthesis call",
-            step="synthesize",
-            context_keys=list(context),
-        )
+            self.finish(NodeStatus.COMPLETED, result=plan.answer, step=Step.DECIDE)

@@ -1,5 +1,6 @@
 """One settings object (TASKTREE_* environment variables), built once and passed down."""
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -8,6 +9,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasktree.errors import ConfigError
+from tasktree.limits import Limit, limit_for, parse, rules_of
 
 OFFLINE_MODEL = "tasktree-offline/placeholder"
 
@@ -15,7 +17,10 @@ OFFLINE_MODEL = "tasktree-offline/placeholder"
 class Settings(BaseSettings):
     """Everything tasktree reads from the environment. Every field is TASKTREE_<NAME>."""
 
-    model_config = SettingsConfigDict(env_prefix="TASKTREE_", extra="ignore", frozen=True)
+    # TASKTREE_* from the environment, else from ./.env (where litellm finds provider keys too).
+    model_config = SettingsConfigDict(
+        env_prefix="TASKTREE_", env_file=".env", env_ignore_empty=True, extra="ignore", frozen=True
+    )
 
     # Where the tree lives. Unset: the CLI runs embedded (its own Redis and worker).
     redis_url: str | None = None
@@ -32,13 +37,25 @@ class Settings(BaseSettings):
     input_cost_per_token: float | None = Field(default=None, ge=0)
     output_cost_per_token: float | None = Field(default=None, ge=0)
     llm_timeout: float = Field(default=120.0, gt=0)
+    # With a token or cost budget, each call reserves its prompt and a completion of at most
+    # this many tokens (fewer when less is left) before it starts: budgets are never overshot.
+    max_completion_tokens: int = Field(default=4096, ge=16, le=1_000_000)
     llm_max_retries: int = Field(default=4, ge=0, le=20)
     llm_backoff: float = Field(default=1.0, ge=0)
+    # Shared by every worker (tasktree/limits.py): calls in flight and per minute, per model.
+    llm_concurrency: int | None = Field(default=None, ge=1, le=1_000_000)
+    llm_rpm: int | None = Field(default=None, ge=1, le=100_000_000)
+    llm_limits: str = ""  # per model, e.g. "openai/gpt-4o-mini=60rpm,8; anthropic/*=20"
+    # How long a 429's cut of a model's concurrency lasts unrenewed.
+    llm_limit_hold: float = Field(default=300.0, gt=0, le=86_400)
 
     # The offline model as a test and benchmark instrument.
     offline_latency: str = "0"  # seconds per call, or "LOW-HIGH" for a seeded random latency
     offline_fanout: int | None = Field(default=None, ge=1, le=100)
     offline_seed: int = 0
+    # This share of calls fails permanently, chosen by a hash of the prompt and the seed (so
+    # the same call fails again, and a retry with 0 succeeds).
+    offline_fail: float = Field(default=0.0, ge=0, le=1)
 
     # Default budgets, overridable per submit.
     max_depth: int = Field(default=3, ge=0, le=20)
@@ -51,20 +68,29 @@ class Settings(BaseSettings):
     max_result_chars: int = Field(default=100_000, ge=1)
 
     # Workers and reliability.
-    pool: Literal["threads", "prefork", "solo", "gevent", "eventlet"] = "threads"
-    concurrency: int = Field(default=32, ge=1, le=10_000)
+    pool: Literal["threads", "prefork", "solo"] = "threads"
+    # Nodes wait on HTTP: every ready node of a 156-node tree in flight on one process.
+    concurrency: int = Field(default=256, ge=1, le=10_000)
     node_queue: str = "tasktree"
     synth_queue: str = "tasktree.synthesize"
-    visibility_timeout: int = Field(default=300, ge=1)
-    restore_interval: int = Field(default=5, ge=1)  # how often workers look for lost messages
+    visibility_timeout: int = Field(default=300, ge=1, le=7 * 86_400)
+    # kombu: how often unacknowledged messages return to their queue.
+    restore_interval: int = Field(default=5, ge=1, le=3600)
+    sweep_interval: float = Field(default=2.0, gt=0, le=3600)  # how often a queue's trees are swept
     redis_retry_seconds: float = Field(default=30.0, ge=0)  # ride out a Redis restart this long
-    step_lease: float | None = Field(default=None, gt=0)  # default: llm_timeout + 30 s
+    # A claim's lease, renewed while its run lives.
+    step_lease: float = Field(default=15.0, gt=0, le=3600)
     max_deliveries: int = Field(default=5, ge=1)
-    stall_seconds: float = Field(
-        default=20.0, gt=0
-    )  # a tree this quiet is checked for lost callbacks
-    events_maxlen: int = Field(default=10_000, ge=100)
-    result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+    stall_seconds: float = Field(default=10.0, gt=0)  # a tree this quiet is checked for losses
+    events_maxlen: int = Field(default=10_000, ge=100, le=10_000_000)
+    # `watch` and a waiting `submit` say so when a tree makes no progress this long.
+    quiet_seconds: float = Field(default=15.0, gt=0)
+    # How long Celery keeps the join data of a chord that never completes (a cancelled tree's).
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=60, le=365 * 86_400)
+    # How long an ended tree's keys stay in Redis (0: forever); `tasktree prune` frees sooner.
+    tree_ttl: int = Field(default=30 * 24 * 3600, ge=0, le=10 * 365 * 24 * 3600)
+    # `submit` refuses while Redis uses more than this share of its maxmemory.
+    memory_guard: float = Field(default=0.9, gt=0, le=1)
     redis_ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
 
     @field_validator("redis_url")
@@ -77,6 +103,22 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with one of {', '.join(schemes)}")
         return v
 
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _check_pool(cls, v: object) -> object:
+        if v in ("gevent", "eventlet"):
+            raise ValueError(
+                f"{v} must patch the standard library before anything is imported, which a "
+                f"setting cannot do: start the worker with `celery -A workers worker -P {v}`"
+            )
+        return v
+
+    @field_validator("llm_limits")
+    @classmethod
+    def _check_limits(cls, v: str) -> str:
+        parse(v)
+        return v
+
     @field_validator("offline_latency")
     @classmethod
     def _check_latency(cls, v: str) -> str:
@@ -85,8 +127,13 @@ class Settings(BaseSettings):
 
     @property
     def lease_seconds(self) -> float:
-        """How long a claim on a node's LLM step lasts before another attempt may take it."""
-        return self.step_lease or self.llm_timeout + 30.0
+        """How long a claim on a node's step lasts unrenewed before another run may take it."""
+        return self.step_lease
+
+    def limit_for(self, model: str) -> Limit:
+        """The limits on `model`'s calls shared by every worker."""
+        default = Limit(self.llm_concurrency or 0, self.llm_rpm or 0)
+        return limit_for(model, rules_of(self.llm_limits), default)
 
     def model_for(self, step: str, tree_model: str | None = None) -> str:
         """The litellm model string for a step: per-step, then per-tree, then global."""
@@ -112,8 +159,9 @@ def parse_latency(v: str) -> tuple[float, float]:
 
 def load(**overrides: object) -> Settings:
     """Build the settings from the environment, turning validation errors into one line."""
+    env_file = os.environ.get("TASKTREE_ENV_FILE", ".env")  # tests point it at an empty file
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file or None, **overrides)  # type: ignore[arg-type,call-arg]
     except ValidationError as e:
         err = e.errors()[0]
         field = "TASKTREE_" + "_".join(str(p) for p in err["loc"]).upper()

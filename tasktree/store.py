@@ -13,82 +13,45 @@ from typing import Any, TypeVar
 import redis
 
 from tasktree import keys
-from tasktree.errors import InputError, NotFoundError, StoreError
-from tasktree.models import TREE_TERMINAL, Node, Tree, TreeSpec
+from tasktree.connection import connect
+from tasktree.errors import FencedError, NotFoundError, StoreError
+from tasktree.keys import check_tree_id, new_tree_id
+from tasktree.limits import Limit
+from tasktree.models import Node, Tree, TreeSpec
+from tasktree.scrub import Scrubber
 from tasktree.settings import Settings
+from tasktree.states import TreeStatus, lua_prelude
 
 T = TypeVar("T")
 
 
-def new_tree_id() -> str:
-    """A 16-hex-digit id that sorts by creation time (ms) and is unguessable enough."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(3)[:5]}"
-
-
-def check_tree_id(tree_id: str) -> str:
-    """Reject ids that are not ours before they reach a key name."""
-    if not isinstance(tree_id, str) or not keys.TREE_ID_RE.match(tree_id):
-        raise InputError(f"invalid tree id {tree_id!r}: expected 16 hex digits")
-    return tree_id
-
-
-def check_node_id(node_id: str) -> str:
-    if not isinstance(node_id, str) or not keys.NODE_ID_RE.match(node_id):
-        raise InputError(f"invalid node id {node_id!r}: expected a path such as 0.2.1")
-    return node_id
-
-
-def connect(url: str, settings: Settings | None = None, patient: bool = True) -> redis.Redis:
-    """A Redis client for the tree state, from a redis://, rediss://, unix:// or sentinel URL.
-
-    A patient client retries connection errors for `redis_retry_seconds` (a Redis restart)."""
-    from redis.backoff import ExponentialWithJitterBackoff
-    from redis.retry import Retry
-
-    opts: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    opts["socket_connect_timeout"] = 3
-    seconds = settings.redis_retry_seconds if settings and patient else 0.0
-    opts["retry"] = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), int(seconds / 0.75))
-    opts["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
-    if url.startswith("rediss://") and settings is not None:
-        opts["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
-    if url.startswith(("sentinel://", "sentinels://")):
-        return _sentinel_client(url, opts)
-    try:
-        return redis.Redis.from_url(url, **opts)
-    except ValueError as e:
-        raise StoreError(f"invalid Redis URL: {e}") from None
-
-
-def _sentinel_client(url: str, opts: dict[str, Any]) -> redis.Redis:
-    """sentinel://[:pw@]host:port[;sentinel://host:port...]/db?master_name=NAME (kombu's form)."""
-    from urllib.parse import parse_qs, urlparse
-
-    from redis.sentinel import Sentinel
-
-    parts = url.split(";")
-    hosts, password, db, master = [], None, 0, "mymaster"
-    for part in parts:
-        u = urlparse(part)
-        hosts.append((u.hostname or "127.0.0.1", u.port or 26379))
-        password = u.password or password
-        if u.path.strip("/"):
-            db = int(u.path.strip("/"))
-        master = parse_qs(u.query).get("master_name", [master])[0]
-    sentinel = Sentinel(hosts, socket_timeout=5)
-    return sentinel.master_for(master, password=password, db=db, **opts)
-
-
 def _load_script(name: str) -> str:
-    lib = resources.files("tasktree.lua").joinpath("_lib.lua").read_text()
-    return lib + "\n" + resources.files("tasktree.lua").joinpath(f"{name}.lua").read_text()
+    lua = resources.files("tasktree.lua")
+    parts = [
+        lua_prelude(),
+        lua.joinpath("_lib.lua").read_text(),
+        lua.joinpath(f"{name}.lua").read_text(),
+    ]
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Freed:
+    """What deleting trees freed: trees, keys, bytes (as Redis's MEMORY USAGE counts them)."""
+
+    trees: int
+    keys: int
+    bytes: int
+
+    def __add__(self, other: Freed) -> Freed:
+        return Freed(self.trees + other.trees, self.keys + other.keys, self.bytes + other.bytes)
 
 
 @dataclass(frozen=True)
 class Gate:
     """The answer of the gate before an LLM call."""
 
-    verdict: str  # OK, DONE, BUSY, CANCELLED, EXHAUSTED, MISSING
+    verdict: str  # OK, DONE, BUSY, CANCELLED, INTERRUPTED, EXHAUSTED, MISSING
     detail: str = ""
 
 
@@ -99,10 +62,10 @@ class Store:
         self.r = client
         self.settings = settings
         self.url = url
-        self._scripts = {
-            name: client.register_script(_load_script(name))
-            for name in ("begin", "gate", "record", "decide", "finish", "cancel")
-        }
+        self.scrub = Scrubber.of(settings)  # every error and note is scrubbed before it is stored
+        lua = resources.files("tasktree.lua")
+        names = [f.name[:-4] for f in lua.iterdir() if f.name.endswith(".lua") and f.name[0] != "_"]
+        self._scripts = {name: client.register_script(_load_script(name)) for name in names}
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str | None = None) -> Store:
@@ -111,7 +74,8 @@ class Store:
             raise StoreError("no Redis URL: set TASKTREE_REDIS_URL")
         return cls(connect(url, settings), settings, url)
 
-    def _run(self, fn: Callable[[], T]) -> T:
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run a Redis operation, turning redis-py's errors into one StoreError."""
         try:
             return fn()
         except redis.AuthenticationError as e:
@@ -121,13 +85,14 @@ class Store:
         except redis.ResponseError as e:
             raise StoreError(f"Redis error: {e}") from None
 
-    def _script(self, name: str, keys_: list[str], args: list[Any]) -> list[Any]:
-        return self._run(lambda: self._scripts[name](keys=keys_, args=args))
+    def script(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        """Run one of tasktree/lua/*.lua on these keys and arguments."""
+        return self.call(lambda: self._scripts[name](keys=keys_, args=args))
 
     def ping(self) -> None:
         """Fail fast (no retries) when Redis cannot be reached at all."""
         quick = connect(self.url, self.settings, patient=False) if self.url else self.r
-        self._run(quick.ping)
+        self.call(quick.ping)
 
     # -- writes -------------------------------------------------------------------------
 
@@ -136,22 +101,18 @@ class Store:
         tid = tree_id or new_tree_id()
         now = time.time()
         tree = {
+            **spec.model_dump(exclude={"model", "single_call"}),
             "id": tid,
-            "task": spec.task,
-            "persona": spec.persona,
-            "status": "running",
+            "status": TreeStatus.RUNNING,
             "model": spec.model or "",
             "created_at": now,
-            "max_depth": spec.max_depth,
-            "max_children": spec.max_children,
-            "max_nodes": spec.max_nodes,
-            "max_cost": spec.max_cost,
-            "max_tokens": spec.max_tokens,
-            "on_child_failure": spec.on_child_failure,
             "single_call": int(spec.single_call),
+            "queue": self.settings.node_queue,
+            "synth_queue": self.settings.synth_queue,
             "reserved": 1,
             "done": 0,
             "events_maxlen": self.settings.events_maxlen,
+            "ttl": self.settings.tree_ttl,
         }
         root = {
             "id": keys.ROOT,
@@ -163,58 +124,93 @@ class Store:
             "created_at": now,
         }
 
-        def write() -> None:
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hset(keys.tree(tid), mapping=tree)
-            pipe.hset(keys.node(tid, keys.ROOT), mapping=root)
-            pipe.rpush(keys.nodes(tid), keys.ROOT)
-            pipe.xadd(keys.events(tid), {"tree": "running", "ts": now})
-            pipe.xadd(keys.events(tid), {"node": keys.ROOT, "status": "queued", "ts": now})
-            pipe.execute()
-            # The indexes live outside the tree's slot, so they are written after the tree.
+        tree_keys = [keys.tree(tid), keys.node(tid, keys.ROOT), keys.nodes(tid), keys.events(tid)]
+        self.script("create", tree_keys, [json.dumps(tree), json.dumps(root), now])
+
+        def index() -> None:  # outside the tree's slot, so written after the tree
             self.r.zadd(keys.TREES, {tid: now})
             self.r.zadd(keys.RUNNING, {tid: now})
 
-        self._run(write)
+        self.call(index)
         return tid
 
-    def delete_tree(self, tree_id: str) -> None:
-        """Remove a tree that could not be enqueued, so nothing is left half-written."""
+    def delete_tree(self, tree_id: str) -> Freed:
+        """Remove every key of a tree and its index entries; returns what that freed. A run
+        still working on it writes nothing afterwards: every script checks its tree first."""
 
-        def delete() -> None:
+        def delete() -> Freed:
             ids = self.r.lrange(keys.nodes(tree_id), 0, -1)
+            names = keys.of_tree(tree_id, ids or [keys.ROOT])
+            pipe = self.r.pipeline(transaction=False)
+            for name in names:
+                pipe.memory_usage(name, samples=0)
+            sizes = pipe.execute(raise_on_error=False)  # a Redis without MEMORY counts 0
             pipe = self.r.pipeline(transaction=True)
-            pipe.delete(keys.tree(tree_id), keys.nodes(tree_id), keys.events(tree_id))
-            for nid in ids:
-                pipe.delete(keys.node(tree_id, nid))
-            pipe.execute()
-            self.r.zrem(keys.TREES, tree_id)
-            self.r.zrem(keys.RUNNING, tree_id)
+            pipe.delete(*names)
+            pipe.zrem(keys.TREES, tree_id)
+            pipe.zrem(keys.RUNNING, tree_id)
+            pipe.zrem(keys.EXPIRING, tree_id)
+            deleted = pipe.execute()[0]
+            return Freed(1, int(deleted), sum(s for s in sizes if isinstance(s, int)))
 
-        self._run(delete)
+        return self.call(delete)
 
-    def begin_run(self, tree_id: str, node_id: str) -> tuple[dict[str, str], dict[str, str], int]:
+    def ended_before(self, cutoff: float, statuses: frozenset[str]) -> list[str]:
+        """The trees in one of `statuses` that ended (interrupted: were submitted) before
+        `cutoff` (epoch seconds), oldest first."""
+        ids = self.call(lambda: self.r.zrangebyscore(keys.TREES, "-inf", cutoff))
+
+        def read() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for tid in ids:
+                pipe.hmget(keys.tree(tid), "status", "finished_at", "created_at")
+            replies: list[Any] = pipe.execute()
+            return replies
+
+        found, replies = [], self.call(read) if ids else []
+        for tid, (status, finished, created) in zip(ids, replies, strict=True):
+            when = finished or created
+            if status in statuses and when and float(when) < cutoff:
+                found.append(tid)
+        return found
+
+    def memory(self) -> tuple[int, int]:
+        """(bytes Redis uses, its maxmemory; 0: no limit)."""
+        info = self.call(lambda: self.r.info("memory"))
+        return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+
+    def begin_run(
+        self, tree_id: str, node_id: str, token: str
+    ) -> tuple[dict[str, str], dict[str, str], int]:
         """Start of every task run: the tree, the node, and how many runs have not ended."""
-
-        tree, node, open_runs = self._script(
-            "begin", [keys.tree(tree_id), keys.node(tree_id, node_id)], []
-        )
+        tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id), keys.runs(tree_id, node_id)]
+        tree, node, open_runs = self.script("begin", tree_keys, [token])
 
         def pairs(flat: list[str]) -> dict[str, str]:
             return dict(zip(flat[::2], flat[1::2], strict=True))
 
         return pairs(tree), pairs(node), int(open_runs)
 
-    def end_run(self, tree_id: str, node_id: str) -> None:
+    def end_run(self, tree_id: str, node_id: str, token: str) -> None:
         """A run of an existing node ended without a crash (returned, retried or replaced)."""
-        self._run(lambda: self.r.hincrby(keys.node(tree_id, node_id), "open_runs", -1))
+        self.script("end", [keys.node(tree_id, node_id), keys.runs(tree_id, node_id)], [token])
 
     def gate(
-        self, tree_id: str, node_id: str, step: str, token: str, running_status: str, worker: str
+        self,
+        tree_id: str,
+        node_id: str,
+        step: str,
+        token: str,
+        running_status: str,
+        worker: str,
+        reserve: tuple[int, int, float, float] = (0, 0, 0.0, 0.0),
     ) -> Gate:
-        """Atomically: cancelled? budget left? step already done? claim the step for `token`."""
+        """Atomically: cancelled? budget left? step already done? claim the step for `token`.
+        `reserve` (completion cap, prompt tokens, USD per input and output token): with a
+        token or cost budget, the call's worst case is reserved and the verdict's detail is
+        the cap that fits ("0": nothing reserved)."""
         lease_ms = int(self.settings.lease_seconds * 1000)
-        res = self._script(
+        res = self.script(
             "gate",
             [
                 keys.tree(tree_id),
@@ -222,19 +218,43 @@ class Store:
                 keys.claim(tree_id, node_id, step),
                 keys.events(tree_id),
             ],
-            [node_id, step, token, lease_ms, running_status, time.time(), worker],
+            [node_id, step, token, lease_ms, running_status, time.time(), worker, *reserve],
         )
         return Gate(res[0], res[1] if len(res) > 1 else "")
 
     def release(self, tree_id: str, node_id: str, step: str, token: str) -> None:
-        """Drop our claim on a step (before a rescheduled retry), if we still hold it."""
-        key = keys.claim(tree_id, node_id, step)
+        """Drop our claim on a step (before a rescheduled retry), if we still hold it, and the
+        budget our call of it reserved."""
+        self.script(
+            "release",
+            [keys.claim(tree_id, node_id, step), keys.tree(tree_id), keys.node(tree_id, node_id)],
+            [token, step],
+        )
 
-        def release() -> None:
-            if self.r.get(key) == token:
-                self.r.delete(key)
-
-        self._run(release)
+    def call_failed(
+        self,
+        tree_id: str,
+        node_id: str,
+        step: str,
+        error: str,
+        retry_at: float,
+        *,
+        call_id: str = "",
+    ) -> int:
+        """Count a transiently failed model call of a step, once per `call_id`; returns the
+        step's failures so far (-1: no such node)."""
+        call = f"{node_id}:{call_id or secrets.token_hex(8)}"
+        n = self.script(
+            "fail_call",
+            [
+                keys.tree(tree_id),
+                keys.node(tree_id, node_id),
+                keys.events(tree_id),
+                keys.calls(tree_id),
+            ],
+            [node_id, step, self.scrub(error)[:500], repr(retry_at), time.time(), call],
+        )
+        return int(n)
 
     def record_call(
         self,
@@ -247,11 +267,23 @@ class Store:
         cost_usd: float,
         cost_known: bool,
         latency: float,
-    ) -> None:
-        """Add one LLM call's usage to its node and tree."""
-        self._script(
+        *,
+        token: str = "",
+        call_id: str = "",
+        text: str = "",
+    ) -> int:
+        """Add one model call's usage to its node and tree, once per `call_id`, if `token` still
+        holds the step's claim (else as waste), and keep its `text` until the step's outcome is
+        stored. Returns 1, 0 (already), 2 (waste), -1 (no tree)."""
+        call = f"{node_id}:{call_id or secrets.token_hex(8)}"
+        res = self.script(
             "record",
-            [keys.tree(tree_id), keys.node(tree_id, node_id)],
+            [
+                keys.tree(tree_id),
+                keys.node(tree_id, node_id),
+                keys.claim(tree_id, node_id, step),
+                keys.calls(tree_id),
+            ],
             [
                 step,
                 model,
@@ -260,8 +292,12 @@ class Store:
                 repr(float(cost_usd)),
                 "0" if cost_known else "1",
                 repr(float(latency)),
+                token,
+                text,
+                call,
             ],
         )
+        return int(res)
 
     def decide(
         self,
@@ -269,16 +305,17 @@ class Store:
         node_id: str,
         decision: str,
         reason: str,
-        sub_tasks: list[dict[str, str]],
+        sub_tasks: list[dict[str, Any]],
         notes: list[str],
         worker: str,
+        token: str = "",
     ) -> tuple[str, list[str]]:
         """Store the decision once; returns the stored decision and the children it created."""
         doc = {"decision": decision, "reason": reason, "notes": notes, "sub_tasks": sub_tasks}
         child_keys = [
             keys.node(tree_id, keys.child_id(node_id, i)) for i in range(1, len(sub_tasks) + 1)
         ]
-        res = self._script(
+        res = self.script(
             "decide",
             [
                 keys.tree(tree_id),
@@ -288,10 +325,12 @@ class Store:
                 keys.claim(tree_id, node_id, "decide"),
                 *child_keys,
             ],
-            [node_id, time.time(), worker, json.dumps(doc)],
+            [node_id, time.time(), worker, json.dumps(doc), token],
         )
         if res[0] == "MISSING":
             raise NotFoundError(f"node {node_id} of tree {tree_id} does not exist")
+        if res[0] == "FENCED":
+            raise FencedError(f"node {node_id}: another run holds the decision's claim")
         return res[0], [c for c in res[1].split(",") if c]
 
     def finish(
@@ -307,136 +346,120 @@ class Store:
         note: str = "",
         step: str = "execute",
         context_keys: list[str] | None = None,
+        token: str = "",
     ) -> str:
-        """Close a node once; returns OK, ALREADY, SKIPPED or MISSING."""
+        """Close a node once; returns OK, ALREADY, SKIPPED, FENCED or MISSING. With `token`
+        (the run's), the run that closed it also ends (no separate end_run)."""
         limit = self.settings.max_result_chars
         if len(result) > limit:
             result = result[:limit]
             note = note or f"result truncated to {limit} characters"
-        res = self._script(
+        res = self.script(
             "finish",
             [
                 keys.tree(tree_id),
                 keys.node(tree_id, node_id),
                 keys.events(tree_id),
                 keys.claim(tree_id, node_id, step),
+                keys.runs(tree_id, node_id),
+                keys.nodes(tree_id),
+                keys.calls(tree_id),
             ],
             [
                 node_id,
                 status,
-                result,
-                error[:2000],
+                self.scrub.secrets_only(result),
+                self.scrub(error)[:2000],
                 time.time(),
                 worker,
                 only_if,
-                note,
+                self.scrub(note),
                 json.dumps(context_keys) if context_keys else "",
+                token,
+                *keys.prefixes(tree_id),
             ],
         )
-        return res[0]
+        return str(res[0])
 
-    def cancel(self, tree_id: str) -> str:
-        """Stop a running tree: no LLM call starts after this returns; queued nodes close now."""
-        res = self._script("cancel", [keys.tree(tree_id), keys.events(tree_id)], [time.time()])
-        if res[0] == "MISSING":
-            raise NotFoundError(f"no tree {tree_id}")
-        if res[0] == "OK":
-            for nid in self._run(lambda: self.r.lrange(keys.nodes(tree_id), 0, -1)):
-                self.finish(tree_id, nid, "cancelled", only_if="queued", note="cancelled by user")
-        return res[1]
+    def renew(
+        self,
+        claims: list[tuple[str, str, str, str]],
+        held: dict[str, list[str]],
+        released: list[tuple[str, str]],
+        lease_seconds: float,
+        slots: dict[str, list[str]] | None = None,
+    ) -> int:
+        """One heartbeat, in one round trip: extend each (tree, node, step, token) claim its
+        token still holds, and each model's call `slots`; score each queue's `held` live
+        members now; take the `released` (queue, member) pairs off. Returns how many claims
+        were extended."""
+        ms = int(lease_seconds * 1000)
 
-    # -- the sweeper ----------------------------------------------------------------------
+        def renew() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for tree_id, node_id, step, token in claims:
+                self._scripts["renew"](
+                    keys=[keys.claim(tree_id, node_id, step)], args=[token, ms], client=pipe
+                )
+            for model, tokens in (slots or {}).items():
+                self._scripts["reslot"](keys=[keys.slots(model)], args=[ms, *tokens], client=pipe)
+            for queue, members in held.items():
+                self._scripts["live"](keys=[keys.live(queue)], args=members, client=pipe)
+            for queue, member in released:
+                pipe.zrem(keys.live(queue), member)
+            replies: list[Any] = pipe.execute()
+            return replies
 
-    def take_sweep_lock(self, seconds: float) -> bool:
-        return bool(
-            self._run(lambda: self.r.set(keys.SWEEP_LOCK, "1", nx=True, px=int(seconds * 1000)))
+        return sum(int(x) for x in self.call(renew)[: len(claims)])
+
+    def take_slot(self, model: str, token: str, limit: Limit) -> tuple[str, float] | None:
+        """A slot for one call of `model` under its shared limit (and any cut a 429 made):
+        None when taken, else (what is full, seconds worth waiting)."""
+        res = self.script(
+            "slot",
+            [keys.slots(model), keys.calls_last_minute(model), keys.adapted(model)],
+            [token, int(self.settings.lease_seconds * 1000), limit.concurrency, limit.rpm],
+        )
+        return None if res[0] == "OK" else (str(res[1]), int(res[2]) / 1000)
+
+    def free_slot(self, model: str, token: str, outcome: str, limit: Limit) -> None:
+        """The call ended ("200" answered, "429" rate limited, "0" failed): free its slot. A
+        429 cuts the model's concurrency for every worker; an answer grows a cut back."""
+        hold_ms = int(self.settings.llm_limit_hold * 1000)
+        self.script(
+            "unslot",
+            [keys.slots(model), keys.adapted(model)],
+            [token, outcome, hold_ms, limit.concurrency],
         )
 
-    def stalled_trees(self, quiet_for: float) -> list[str]:
-        """Running trees with no event for `quiet_for` seconds; finished ones leave the index."""
-        ids = self._run(lambda: self.r.zrange(keys.RUNNING, 0, -1))
+    def note_waiting(self, tree_id: str, node_id: str, why: str) -> None:
+        """Say once, on the node and in its events, that its call waits for a shared limit."""
+        tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id), keys.events(tree_id)]
+        self.script("wait", tree_keys, [node_id, why, time.time()])
 
-        def read() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            for tid in ids:
-                pipe.hget(keys.tree(tid), "status")
-                pipe.xrevrange(keys.events(tid), count=1)
-            return pipe.execute()
+    def run_started(self, queue: str, member: str) -> None:
+        """List a received message in its queue's live index, scored now (Redis's clock)."""
+        self.script("live", [keys.live(queue)], [member])
 
-        replies = self._run(read) if ids else []
-        stalled, finished = [], []
-        cutoff_ms = (time.time() - quiet_for) * 1000
-        for tid, status, last in zip(ids, replies[::2], replies[1::2], strict=True):
-            if status is None or status in TREE_TERMINAL:
-                finished.append(tid)
-            elif last and int(last[0][0].split("-")[0]) < cutoff_ms:
-                stalled.append(tid)
-        if finished:
-            self._run(lambda: self.r.zrem(keys.RUNNING, *finished))
-        return stalled
-
-    def orphaned_parents(self, tree_id: str) -> list[str]:
-        """Delegated nodes whose children are all closed: their synthesis is due."""
-        return self.stuck(tree_id)[0]
-
-    def stuck(self, tree_id: str, redrive_after: float = 0.0) -> tuple[list[str], list[Node]]:
-        """What a quiet tree is waiting on that nothing will deliver.
-
-        Returns the delegated nodes whose children are all closed (their synthesis is due), and
-        the open nodes that hold no live claim and were not re-driven in `redrive_after` seconds
-        (their message may be lost); the latter are marked re-driven now."""
-        tree = self.tree(tree_id)
-        by_id = {n.id: n for n in tree.nodes}
-        due = [
-            n.id
-            for n in tree.nodes
-            if n.status == "delegated" and all(by_id[c].terminal for c in n.children if c in by_id)
-        ]
-        step = {
-            "queued": "decide",
-            "deciding": "decide",
-            "executing": "execute",
-            "synthesizing": "synthesize",
-        }
-        open_nodes = [n for n in tree.nodes if n.status in step]
-        if not open_nodes:
-            return due, []
-
-        def read() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            for n in open_nodes:
-                pipe.exists(keys.claim(tree_id, n.id, step[n.status]))
-                pipe.hget(keys.node(tree_id, n.id), "redriven_at")
-            return pipe.execute()
-
-        replies = self._run(read)
-        now = time.time()
-        lost = [
-            n
-            for n, held, last in zip(open_nodes, replies[::2], replies[1::2], strict=True)
-            if not held and now - float(last or 0) > redrive_after
-        ]
-        if lost:
-
-            def mark() -> None:
-                pipe = self.r.pipeline(transaction=False)
-                for n in lost:
-                    pipe.hset(keys.node(tree_id, n.id), "redriven_at", now)
-                pipe.execute()
-
-            self._run(mark)
-        return due, lost
+    def synthesis_due(self, tree_id: str, node_id: str) -> str | None:
+        """Once `node_id` closed outside its parent's chord: for the one caller that should
+        send the parent's synthesis (every sibling closed, none sent it yet), the tree's
+        synthesis queue ('-' if the tree names none); else None."""
+        parent = keys.parent_id(node_id)
+        children = self.call(lambda: self.r.hget(keys.node(tree_id, parent), "children")) or ""
+        child_keys = [keys.node(tree_id, c) for c in children.split(",") if c]
+        marker = keys.synthesis_sent(tree_id, parent)
+        script_keys = [keys.tree(tree_id), keys.node(tree_id, parent), marker, *child_keys]
+        due = self.script("synthesis_due", script_keys, [60_000])
+        return None if due in (None, "", 0) else str(due)
 
     # -- reads --------------------------------------------------------------------------
 
-    def tree_hash(self, tree_id: str) -> dict[str, str]:
-        return self._run(lambda: self.r.hgetall(keys.tree(tree_id)))
-
     def node_hash(self, tree_id: str, node_id: str) -> dict[str, str]:
-        return self._run(lambda: self.r.hgetall(keys.node(tree_id, node_id)))
+        return self.call(lambda: self.r.hgetall(keys.node(tree_id, node_id)))
 
     def node(self, tree_id: str, node_id: str) -> Node:
-        h = self._run(lambda: self.r.hgetall(keys.node(tree_id, node_id)))
+        h = self.call(lambda: self.r.hgetall(keys.node(tree_id, node_id)))
         if not h:
             raise NotFoundError(f"no node {node_id} in tree {tree_id}")
         return Node.from_hash(h)
@@ -448,9 +471,10 @@ class Store:
             pipe = self.r.pipeline(transaction=False)
             for nid in node_ids:
                 pipe.hgetall(keys.node(tree_id, nid))
-            return pipe.execute()
+            replies: list[Any] = pipe.execute()
+            return replies
 
-        return [Node.from_hash(h) for h in self._run(read) if h]
+        return [Node.from_hash(h) for h in self.call(read) if h]
 
     def tree(self, tree_id: str, with_nodes: bool = True) -> Tree:
         """A whole tree in two round trips (summary and node ids, then every node)."""
@@ -460,24 +484,41 @@ class Store:
             pipe = self.r.pipeline(transaction=False)
             pipe.hgetall(keys.tree(tree_id))
             pipe.lrange(keys.nodes(tree_id), 0, -1)
-            return pipe.execute()
+            replies: list[Any] = pipe.execute()
+            return replies
 
-        h, ids = self._run(read)
+        h, ids = self.call(read)
         if not h:
             raise NotFoundError(f"no tree {tree_id}")
+        if "created_at" not in h:  # keys a late write left behind after the store was reset
+            raise NotFoundError(f"tree {tree_id} no longer exists (the store was reset?)")
         return Tree.from_hash(h, self.nodes(tree_id, ids) if with_nodes else None)
 
-    def list_trees(self, limit: int = 20) -> list[Tree]:
-        """The newest trees first, summaries only (one round trip for the ids, one for the rest)."""
-        ids = self._run(lambda: self.r.zrevrange(keys.TREES, 0, limit - 1))
+    def exists(self, tree_id: str) -> bool:
+        return bool(self.call(lambda: self.r.exists(keys.tree(tree_id))))
 
-        def read() -> list[dict[str, str]]:
+    def list_trees(self, limit: int = 20) -> list[tuple[Tree, str]]:
+        """The newest trees first: each summary with its result (one round trip for the ids,
+        one for the rest)."""
+        ids = self.call(lambda: self.r.zrevrange(keys.TREES, 0, limit - 1))
+
+        def read() -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
             for tid in ids:
                 pipe.hgetall(keys.tree(tid))
-            return pipe.execute()
+                pipe.hget(keys.node(tid, keys.ROOT), "result")
+            replies: list[Any] = pipe.execute()
+            return replies
 
-        return [Tree.from_hash(h) for h in self._run(read) if h]
+        replies = self.call(read) if ids else []
+        gone = [tid for tid, h in zip(ids, replies[::2], strict=True) if not h]
+        if gone:  # expired or deleted: the index follows the trees it lists
+            self.call(lambda: self.r.zrem(keys.TREES, *gone))
+        return [
+            (Tree.from_hash(h), result or "")
+            for h, result in zip(replies[::2], replies[1::2], strict=True)
+            if h
+        ]
 
     def follow(
         self, tree_id: str, last_id: str = "0", block_ms: int = 1000
@@ -485,7 +526,7 @@ class Store:
         """Yield batches of events as they arrive (blocking XREAD), forever; the caller stops."""
         stream = keys.events(tree_id)
         while True:
-            res = self._run(
+            res = self.call(
                 lambda since=last_id: self.r.xread({stream: since}, count=500, block=block_ms)  # type: ignore[misc]
             )
             batch: list[tuple[str, dict[str, str]]] = []
@@ -497,4 +538,4 @@ class Store:
 
     def events(self, tree_id: str) -> list[tuple[str, dict[str, str]]]:
         """Every stored event of a tree, oldest first."""
-        return self._run(lambda: self.r.xrange(keys.events(tree_id)))
+        return self.call(lambda: self.r.xrange(keys.events(tree_id)))

@@ -16,6 +16,25 @@ from tasktree.embedded import EmbeddedRedis
 from tasktree.settings import Settings, load
 from tests.helpers import WorkerProcess
 
+# A developer's .env (DEPLOY.md says `cp .env.example .env`) must not change what tests see.
+os.environ["TASKTREE_ENV_FILE"] = os.devnull
+
+#: Fixtures that bring a real Redis server (and, through them, real worker processes).
+SERVER_FIXTURES = frozenset({"redis_url", "r", "env", "settings_for", "client", "start_workers"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is in one tier: `unit` (no server, no process), `integration` (a real Redis,
+    real workers or the real CLI), `slow` (faults and long runs) or `containers` (a real
+    Docker engine). A test or module marks
+    itself integration or slow; a test using a server fixture is integration; the rest are
+    unit, so a new test lands in the right tier without thinking about it."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("slow", "integration", "containers")):
+            continue
+        uses_server = SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.integration if uses_server else pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -90,4 +109,4 @@ def start_workers(
 
     yield start
     for w in started:
-        w.stop()
+        w.kill()  # the test is over and its database is flushed: no warm shutdown to wait for

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,12 @@ class WorkerProcess:
     """A real `celery -A workers worker` subprocess, its log in a file."""
 
     def __init__(
-        self, env: dict[str, str], name: str, log_dir: Path, args: list[str] | None = None
+        self,
+        env: dict[str, str],
+        name: str,
+        log_dir: Path,
+        args: list[str] | None = None,
+        app: str = "workers",
     ):
         self.name = name
         self.log = log_dir / f"{name.split('@')[0]}.log"
@@ -31,12 +36,14 @@ class WorkerProcess:
             "-m",
             "celery",
             "-A",
-            "workers",
+            app,
             "worker",
             "-n",
             name,
             "--loglevel",
             "INFO",
+            "--without-mingle",  # no one-second wait for other workers' hellos
+            "--without-gossip",
             *(args or []),
         ]
         self.proc = subprocess.Popen(
@@ -57,6 +64,16 @@ class WorkerProcess:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"worker {self.name} not ready:\n{self.log.read_text()[-3000:]}")
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name}: no {text!r}:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
         """kill -9: the crash a test wants."""
@@ -81,11 +98,13 @@ class FakeOpenAI:
 
     The handler gets the request JSON and the 0-based request number and returns
     (status, headers, body): a dict body is sent as JSON; the string "DROP" closes the socket.
+    The request's headers are `headers[n]`.
     """
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         outer = self
 
@@ -98,6 +117,7 @@ class FakeOpenAI:
                 with outer._lock:
                     n = len(outer.requests)
                     outer.requests.append(body)
+                    outer.headers.append(dict(self.headers))
                 status, headers, payload = outer.handler(body, n)
                 if payload == "DROP":
                     self.connection.shutdown(2)
@@ -115,7 +135,7 @@ class FakeOpenAI:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -202,3 +222,93 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: Redis flushes its append-only file and exits
             self.proc.wait(timeout=20)
+
+
+class RateLimitedProvider(FakeOpenAI):
+    """An OpenAI-compatible server that allows `capacity` calls at once, each taking `latency`
+    seconds, and answers a 429 with Retry-After above that. Decisions split the root into
+    sections and each section into parts; the rest is answered in text."""
+
+    def __init__(self, capacity: int, latency: float, sections: int = 4, parts: int = 3):
+        self.capacity, self.latency = capacity, latency
+        self.in_flight = self.most_in_flight = self.refused = self.answered = 0
+        self._count = threading.Lock()
+        self.sections, self.parts = sections, parts
+        super().__init__(self._answer)
+
+    def _answer(self, body: dict[str, Any], n: int) -> tuple[int, dict[str, str], Any]:
+        with self._count:
+            if self.in_flight >= self.capacity:
+                self.refused += 1
+                return 429, {"Retry-After": "1"}, {"error": {"message": "too many requests"}}
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.latency)
+            return 200, {}, chat(self._text(body))
+        finally:
+            with self._count:
+                self.in_flight -= 1
+                self.answered += 1
+
+    def _text(self, body: dict[str, Any]) -> str:
+        task = body["messages"][-1]["content"]
+        if not is_decide(body):
+            return f"answer to {task[-30:]}"
+        if "Part " in task:
+            return json.dumps({"decision": "execute", "reason": "small", "sub_tasks": []})
+        kind, n = ("Part", self.parts) if "Section " in task else ("Section", self.sections)
+        subs = [
+            {"requested_persona": f"You are {kind} {i}.", "task_details": f"{kind} {i}."}
+            for i in range(1, n + 1)
+        ]
+        return json.dumps({"decision": "delegate", "reason": "split", "sub_tasks": subs})
+
+
+class Flower:
+    """A real Flower process (`celery -A workers flower`) on 127.0.0.1, its API unauthenticated."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        from tasktree.embedded import free_port
+
+        self.base = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "flower",
+                f"--port={self.base.rsplit(':', 1)[1]}",
+                "--address=127.0.0.1",
+                "--inspect_timeout=300",  # ms: a test's workers answer at once
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"},
+            stdout=(log_dir / "flower.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + path, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def __enter__(self) -> Self:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.get("/api/workers?refresh=1")
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.__exit__()
+                    raise
+                time.sleep(0.3)
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=15)

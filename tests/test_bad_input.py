@@ -12,6 +12,7 @@ import time
 import pytest
 import redis
 
+from tasktree.cli import main
 from tasktree.models import TreeSpec
 from tasktree.proto import TaskRequest, to_dict
 from tests.helpers import ROOT
@@ -21,8 +22,13 @@ LONG = "x" * 20_001
 
 
 def snapshot(r: redis.Redis) -> dict[str, str]:
-    """A digest of every key and value in the test database."""
-    return {key: hashlib.sha256(r.dump(key) or b"").hexdigest() for key in r.keys("*")}
+    """A digest of every key and value in the test database, but a worker's live index (what
+    it holds right now, a heartbeat record that lists each message it receives)."""
+    return {
+        key: hashlib.sha256(r.dump(key) or b"").hexdigest()
+        for key in r.keys("*")
+        if not key.startswith("tasktree:live:")
+    }
 
 
 CLI_CASES = [
@@ -44,7 +50,19 @@ CLI_CASES = [
     ("zero tokens", ["submit", "t", "--max-tokens", "0"], {}, "--max-tokens"),
     ("bad failure mode", ["submit", "t", "--on-child-failure", "explode"], {}, "invalid choice"),
     ("unknown command", ["frobnicate"], {}, "invalid choice"),
-    ("missing task", ["submit"], {}, "required"),
+    ("missing task", ["submit"], {}, "no task: give it as an argument"),
+    (
+        "task file missing",
+        ["submit", "--file", "/nonexistent/task.txt"],
+        {},
+        "cannot read /nonexistent/task.txt",
+    ),
+    ("task and file", ["submit", "t", "--file", "/etc/hostname"], {}, "not both"),
+    ("zero limit", ["list", "--limit", "0"], {}, "--limit: must be from 1 to 10000"),
+    ("negative limit", ["list", "--limit", "-2"], {}, "--limit: must be from 1 to 10000"),
+    ("huge limit", ["list", "--limit", "99999999999999999999"], {}, "--limit: must be from 1"),
+    ("zero timeout", ["watch", UNKNOWN, "--timeout", "0"], {}, "--timeout: must be greater than 0"),
+    ("resume unknown tree", ["resume", UNKNOWN], {}, f"no tree {UNKNOWN}"),
     ("unknown tree: tree", ["tree", UNKNOWN], {}, f"no tree {UNKNOWN}"),
     ("unknown tree: result", ["result", UNKNOWN], {}, f"no tree {UNKNOWN}"),
     ("unknown tree: status", ["status", UNKNOWN], {}, f"no tree {UNKNOWN}"),
@@ -75,27 +93,49 @@ CLI_CASES = [
         "TASKTREE_OFFLINE_LATENCY",
     ),
     ("bad limit", ["list", "--limit", "x"], {}, "whole number"),
+    (
+        "provider key missing",
+        ["submit", "t"],
+        {"TASKTREE_MODEL": "openai/gpt-4o-mini", "OPENAI_API_KEY": ""},
+        "model openai/gpt-4o-mini needs OPENAI_API_KEY",
+    ),
+    (
+        "API server unreachable",
+        ["submit", "t"],
+        {"TASKTREE_MODEL": "openai/local", "TASKTREE_API_BASE": "http://127.0.0.1:1/v1"},
+        "cannot reach TASKTREE_API_BASE=http://127.0.0.1:1/v1",
+    ),
+    ("unknown model", ["submit", "t", "--model", "no-such-model-xyz"], {}, "unknown model"),
+    (
+        "cost budget on an unpriced model",
+        ["submit", "t", "--max-cost", "0.5"],
+        {},
+        "--max-cost cannot be enforced: the offline model has no price",
+    ),
     ("bad export format", ["export", UNKNOWN, "--format", "pdf"], {}, "invalid choice"),
 ]
 
 
 @pytest.mark.parametrize(
-    "args,extra_env,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
+    ("args", "extra_env", "message"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
-def test_cli_bad_input(env, r, args, extra_env, message) -> None:
+def test_cli_bad_input(env, r, args, extra_env, message, monkeypatch, capsys) -> None:
+    """The CLI's own entry, in-process (test_newcomer and test_ctrl_c run it as a process)."""
     before = snapshot(r)
-    out = subprocess.run(
-        [sys.executable, "-m", "tasktree", *args],
-        cwd=ROOT,
-        env={**os.environ, **env, **extra_env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    for k, v in {**env, **extra_env}.items():
+        if v == "":  # "" removes a variable
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    code = main(args)
+    captured = capsys.readouterr()
+    out = subprocess.CompletedProcess(args, code, captured.out, captured.err)
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tasktree: error: "), out.stderr
-    assert message in lines[0] and "Traceback" not in out.stderr
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("tasktree: error: "), out.stderr
+    assert message in lines[0]
+    assert "Traceback" not in out.stderr
     assert out.stdout == ""
     assert snapshot(r) == before
 
@@ -109,12 +149,13 @@ def test_invalid_utf8_task(env, r) -> None:
         capture_output=True,
         timeout=60,
     )
-    assert (
-        out.returncode == 2 and b"not valid UTF-8" in out.stderr and b"Traceback" not in out.stderr
-    )
+    assert out.returncode == 2
+    assert b"not valid UTF-8" in out.stderr
+    assert b"Traceback" not in out.stderr
     assert snapshot(r) == before
 
 
+@pytest.mark.integration
 def test_no_wait_needs_a_shared_redis(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TASKTREE_REDIS_URL"}
     env["TASKTREE_DATA_DIR"] = str(tmp_path)
@@ -126,7 +167,8 @@ def test_no_wait_needs_a_shared_redis(tmp_path) -> None:
         text=True,
         timeout=60,
     )
-    assert out.returncode == 2 and "--no-wait needs TASKTREE_REDIS_URL" in out.stderr
+    assert out.returncode == 2
+    assert "--no-wait needs TASKTREE_REDIS_URL" in out.stderr
 
 
 def test_unwritable_export_path(env, r, client, start_workers) -> None:
@@ -141,7 +183,8 @@ def test_unwritable_export_path(env, r, client, start_workers) -> None:
         text=True,
         timeout=60,
     )
-    assert out.returncode == 2 and "cannot write /proc/nope/x.md" in out.stderr
+    assert out.returncode == 2
+    assert "cannot write /proc/nope/x.md" in out.stderr
 
 
 def wait_for(predicate, timeout: float = 30) -> None:
@@ -182,6 +225,7 @@ def test_raw_messages_that_do_not_validate(env, r, client, start_workers) -> Non
     app.send_task("tasktree.node", args=[{**to_dict(good), "persona_prompt": ""}])
     wait_for(lambda: client.store.node(tid, "0").status == "failed")
     node = client.store.node(tid, "0")
-    assert "invalid message" in node.error and "persona_prompt is empty" in node.error
+    assert "invalid message" in node.error
+    assert "persona_prompt is empty" in node.error
     assert client.store.tree(tid).status == "failed"
     assert r.llen(env["TASKTREE_NODE_QUEUE"]) == 0  # nothing left to redeliver

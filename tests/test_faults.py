@@ -81,24 +81,77 @@ def test_transient_faults_are_retried_and_client_errors_are_not(client, start_wo
         }
         trees = {s: client.wait(tid) for s, tid in ids.items()}
     for s in ("429", "500", "503", "529", "timeout", "drop"):
-        assert trees[s].status == "completed" and trees[s].result == f"answer for {s}", (
-            s,
-            trees[s].root.error,
-        )
-    assert len(seen["429"]) == 3 and seen["429"][1] - seen["429"][0] >= 1.0  # Retry-After honoured
+        assert trees[s].status == "completed", (s, trees[s].root.error)
+        assert trees[s].result == f"answer for {s}", s
+    assert len(seen["429"]) == 3
+    assert seen["429"][1] - seen["429"][0] >= 1.0
     for s in ("500", "503", "529", "timeout", "drop"):
         assert len(seen[s]) == 2, s
     for s in ("400", "401", "403", "404", "422"):
         root = trees[s].root
-        assert trees[s].status == "failed" and len(seen[s]) == 1, s  # not retried
-        assert f"provider says no ({s})" in root.error and s in root.error
-    assert trees["always500"].status == "failed" and len(seen["always500"]) == 4
-    assert "after 4 attempts" in trees["always500"].root.error
+        assert trees[s].status == "failed", s
+        assert len(seen[s]) == 1, s  # not retried
+        assert f"provider says no ({s})" in root.error
+        assert s in root.error
+    assert trees["always500"].status == "failed"
+    assert len(seen["always500"]) == 4
+    assert "after 4 failed calls" in trees["always500"].root.error
     # Waiting out Retry-After did not hold the worker: other calls ran in between.
     between = [
         t for s, ts in seen.items() if s != "429" for t in ts if seen["429"][0] < t < seen["429"][1]
     ]
     assert between
+
+
+def test_half_of_all_calls_failing_transiently_still_completes_the_tree(
+    client, start_workers
+) -> None:
+    """Every distinct request fails once, with a 429 (Retry-After: 1) or a 503, then succeeds:
+    half of all calls fail. At the shipped retry settings, every node completes, each step
+    counts exactly the one failed call it made, and Retry-After is waited out."""
+    attempts: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    lock = threading.Lock()
+
+    def handler(body, n):
+        key = json.dumps(body["messages"])
+        with lock:
+            first = not attempts[key]
+            status = (429 if len(attempts) % 2 else 503) if first else 200
+            attempts[key].append((time.monotonic(), status))
+        if status == 429:
+            return 429, {"Retry-After": "1"}, {"error": {"message": "slow down"}}
+        if status == 503:
+            return error(503, "overloaded")
+        if is_decide(body):  # the root splits into sections, each section into parts
+            task = task_of(body)
+            names = [f"{x}{i}" for x in "ABC" if f"Section {x}" in task for i in (1, 2, 3)]
+            subs = [
+                {"requested_persona": f"You are {x}.", "task_details": f"Part {x}."} for x in names
+            ] or [
+                {"requested_persona": f"You are {x}.", "task_details": f"Section {x}."}
+                for x in "ABC"
+            ]
+            doc = {"decision": "delegate", "reason": "split", "sub_tasks": subs}
+            return 200, {}, chat(json.dumps(doc))
+        return 200, {}, chat(f"done: {task_of(body)[-40:]}")
+
+    with FakeOpenAI(handler) as server:
+        model = {k: v for k, v in MODEL_ENV.items() if "LLM" not in k}  # shipped retries
+        start_workers(1, extra_env={**model, "TASKTREE_API_BASE": server.url})
+        tid = client.submit(TreeSpec.build(client.settings, "Build it.", max_depth=2))
+        tree = client.wait(tid, timeout=100)
+    statuses = [s for tries in attempts.values() for _, s in tries]
+    assert statuses.count(200) == len(statuses) // 2 == len(attempts)  # half of all calls failed
+    assert tree.status == "completed", [(n.id, n.error) for n in tree.nodes]
+    assert len(tree.nodes) == 13
+    assert all(n.status == "completed" for n in tree.nodes)
+    assert tree.calls == len(attempts) == 17
+    for n in tree.nodes:  # one failed call per model call made, counted on its own step
+        assert n.failed_calls == n.calls, (n.id, n.failed_calls, n.calls)
+    for tries in attempts.values():
+        (t0, first), (t1, _) = tries
+        if first == 429:
+            assert t1 - t0 >= 1.0  # Retry-After honoured
 
 
 def three_children(body):
@@ -110,7 +163,7 @@ def three_children(body):
 
 
 @pytest.mark.parametrize(
-    "failing,mode,status,root_status",
+    ("failing", "mode", "status", "root_status"),
     [
         ({"B"}, "continue", "completed_with_errors", "completed"),
         ({"B"}, "fail", "failed", "failed"),
@@ -143,17 +196,21 @@ def test_partial_failure(client, start_workers, failing, mode, status, root_stat
         tree = client.wait(
             client.submit(TreeSpec.build(client.settings, "Whole job.", on_child_failure=mode))
         )
-    assert tree.status == status and tree.root.status == root_status, [
-        (n.id, n.status, n.error) for n in tree.nodes
-    ]
+    nodes = [(n.id, n.status, n.error) for n in tree.nodes]
+    assert tree.status == status, nodes
+    assert tree.root.status == root_status, nodes
     failed = [n for n in tree.nodes if n.status == "failed" and n.id != "0"]
     assert {n.persona[8] for n in failed} == failing
     if root_status == "completed":
-        assert tree.result == "SYNTHESIS" and len(synth_requests) == 1
-        assert "These parts failed" in synth_requests[0] and "You are B." in synth_requests[0]
-        assert "result A" in synth_requests[0] and "result C" in synth_requests[0]
+        assert tree.result == "SYNTHESIS"
+        assert len(synth_requests) == 1
+        assert "These parts failed" in synth_requests[0]
+        assert "You are B." in synth_requests[0]
+        assert "result A" in synth_requests[0]
+        assert "result C" in synth_requests[0]
     else:
-        assert not synth_requests and tree.root.error
+        assert not synth_requests
+        assert tree.root.error
 
 
 def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
@@ -232,9 +289,12 @@ def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
             )
         )
     assert tree.status == "completed"
-    assert len(tree.nodes) <= 25 and max(n.depth for n in tree.nodes) <= 3
+    assert len(tree.nodes) <= 25
+    assert max(n.depth for n in tree.nodes) <= 3
     assert all(len(n.children) <= 6 for n in tree.nodes)
-    assert tree.max_depth == 3 and tree.max_nodes == 25 and tree.model == ""
+    assert tree.max_depth == 3
+    assert tree.max_nodes == 25
+    assert tree.model == ""
     assert {n.model for n in tree.nodes if n.calls} == {"openai/fake"}
     notes = " | ".join(x for n in tree.nodes for x in n.notes)
     for expected in (
@@ -242,18 +302,52 @@ def test_hostile_model_stays_inside_budgets(client, start_workers, r) -> None:
         "invalid decision output",
         "executing instead",
         "empty sub-task",
-        "duplicate sub-task",
+        "duplicate sub-task(s) of a sibling",
     ):
         assert expected in notes, expected
     # Model output is data: personas like key names or commands are stored as values, never used.
     import re
 
     pattern = re.compile(
-        rf"^tasktree:(trees|running|\{{{tree.id}\}}:(tree|nodes|events|node:0(\.[1-6])*"
-        r"|claim:0(\.[1-6])*:(decide|execute|synthesize)))$"
+        rf"tasktree:(trees|running|expiring|sweep-lock:\S+|live:\S+"
+        rf"|\{{{tree.id}\}}:(tree|nodes|events|calls|node:0(\.[1-6])*"
+        r"|claim:0(\.[1-6])*:(decide|execute|synthesize)|synth-sent:0(\.[1-6])*))"
     )
-    assert all(pattern.match(k) for k in r.keys("tasktree:*")), r.keys("tasktree:*")
+    assert all(pattern.fullmatch(k) for k in r.keys("tasktree:*")), r.keys("tasktree:*")
     assert any(n.persona.startswith("tasktree:{") for n in tree.nodes)
+
+
+def test_a_model_that_keeps_re_delegating_its_own_task_is_stopped_by_the_loop_guard(
+    client, start_workers
+) -> None:
+    """Every decision splits into the same two tasks, whatever it is asked. Each child's own
+    task comes back as one of its sub-tasks: the guard drops it, one usable sub-task is left,
+    and the child executes. Without the guard: a full binary tree to the depth limit."""
+    same = [
+        {"requested_persona": "You are a planner.", "task_details": "Plan the launch."},
+        {"requested_persona": "You are a writer.", "task_details": "Write the launch note."},
+    ]
+
+    def handler(body, n):
+        if is_decide(body):
+            plan = {"decision": "delegate", "reason": "split", "sub_tasks": same}
+            return 200, {}, chat(json.dumps(plan))
+        return 200, {}, chat("done")
+
+    with FakeOpenAI(handler) as server:
+        start_workers(1, extra_env={**MODEL_ENV, "TASKTREE_API_BASE": server.url})
+        tree = client.wait(
+            client.submit(TreeSpec.build(client.settings, "Run the launch.", max_depth=3))
+        )
+    assert tree.status == "completed"
+    assert [n.id for n in tree.nodes] == ["0", "0.1", "0.2"]
+    for child in tree.nodes[1:]:
+        assert not child.children
+        assert any(
+            note.startswith("loop_detected: dropped 1 sub-task(s) repeating")
+            for note in child.notes
+        )
+    assert len(server.requests) == 3 + 2 + 1  # three decisions, two executions, one synthesis
 
 
 def test_load_twenty_trees_at_once(client, start_workers) -> None:
@@ -275,10 +369,10 @@ def test_load_twenty_trees_at_once(client, start_workers) -> None:
     print(f"\n20 trees x 31 nodes on 2 workers: {elapsed:.1f} s")
     for k, tid in enumerate(ids):
         tree = results[tid]
-        assert tree.status == "completed" and len(tree.nodes) == 31
-        assert len({n.id for n in tree.nodes}) == 31 and all(
-            n.status == "completed" for n in tree.nodes
-        )
+        assert tree.status == "completed"
+        assert len(tree.nodes) == 31
+        assert len({n.id for n in tree.nodes}) == 31
+        assert all(n.status == "completed" for n in tree.nodes)
         assert all(
             f"Load tree {k:02d}." in n.instructions for n in tree.nodes
         )  # no node from another tree

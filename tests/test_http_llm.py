@@ -41,7 +41,8 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers, r) ->
         )
         tid = client.submit(TreeSpec.build(client.settings, "A task with two parts."))
         tree = client.wait(tid)
-    assert tree.status == "completed" and tree.result == "SYNTHESIS of A and B"
+    assert tree.status == "completed"
+    assert tree.result == "SYNTHESIS of A and B"
     decide_calls = [b for b in server.requests if is_decide(b)]
     assert len(decide_calls) == 3
     assert all(b["response_format"] == {"type": "json_object"} for b in decide_calls)
@@ -49,11 +50,9 @@ def test_agent_talks_to_an_openai_compatible_server(client, start_workers, r) ->
     assert sorted(b["messages"][0]["content"] for b in executions) == ["You are A.", "You are B."]
     assert all("response_format" not in b for b in executions)
     assert all(b["model"] == "fake-model" for b in server.requests)
-    assert (
-        tree.calls == 6
-        and tree.prompt_tokens == 5 * 10 + 30
-        and tree.completion_tokens == 5 * 5 + 7
-    )
+    assert tree.calls == 6
+    assert tree.prompt_tokens == 5 * 10 + 30
+    assert tree.completion_tokens == 5 * 5 + 7
     assert {n.model for n in tree.nodes} == {"openai/fake-model"}
     # The key reached the provider, and nothing else: not the tree, its events, or the log.
     assert all(body.get("api_key") is None for body in server.requests)

@@ -1,4 +1,4 @@
-"""Ctrl-C while `submit` waits, on a real pseudo-terminal: cancel the tree, or detach."""
+"""Ctrl-C while `submit` waits on real workers, on a real pseudo-terminal: cancel, or detach."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def read_until(fd: int, needle: bytes, timeout: float = 60) -> bytes:
     return buf
 
 
-@pytest.mark.parametrize("answer,status,code", [("y", "cancelled", 1), ("n", "running", 130)])
+@pytest.mark.parametrize(
+    ("answer", "status", "code"), [("c", "cancelled", 1), ("k", "running", 130)]
+)
 def test_ctrl_c_asks_to_cancel_or_detach(
     env, settings_for, start_workers, answer, status, code
 ) -> None:
@@ -57,13 +59,29 @@ def test_ctrl_c_asks_to_cancel_or_detach(
         read_until(controller, b"deciding")
         time.sleep(1.0)
         os.killpg(proc.pid, 2)  # what the terminal sends on Ctrl-C
-        read_until(controller, b"Cancel tree")
+        read_until(controller, b"Stop tree")
         os.write(controller, answer.encode() + b"\n")
         assert proc.wait(timeout=90) == code
         store = Store.from_settings(settings_for())
-        tree = store.list_trees(1)[0]
+        tree, _ = store.list_trees(1)[0]
         assert tree.status == status
     finally:
         if proc.poll() is None:
             proc.kill()
         os.close(controller)
+
+
+def test_a_command_cut_off_by_ctrl_c_leaves_no_reply_for_the_next(env, settings_for) -> None:
+    """The state a KeyboardInterrupt between a command and its reply leaves: the command sent,
+    its connection back in the pool, its reply still to come. Without `after_interrupt` the
+    next command on that connection reads the old reply (here XREAD's nil, 0.2 s later)."""
+    from tasktree.client import Client
+
+    with Client(settings_for(), worker=False) as client:
+        pool = client.store.r.connection_pool
+        conn = pool.get_connection()
+        conn.send_command("XREAD", "BLOCK", "200", "STREAMS", "tasktree:test:none", "$")
+        pool.release(conn)
+        client.after_interrupt()
+        assert client.store.r.lrange("tasktree:test:none:list", 0, -1) == []
+        assert client.store.r.ping() is True

@@ -84,10 +84,8 @@ def test_results_with_sub_tasks_round_trip_both_ways(original) -> None:
         sub_tasks=[original.SubTaskRequest(requested_persona="p", task_details="d")],
     )
     ours = TaskResult.FromString(theirs.SerializeToString())
-    assert (
-        ours.sub_tasks[0] == SubTaskRequest(requested_persona="p", task_details="d")
-        and ours.success
-    )
+    assert ours.sub_tasks[0] == SubTaskRequest(requested_persona="p", task_details="d")
+    assert ours.success
     back = original.TaskResult.FromString(
         TaskResult(
             task_id="x", success=False, error_message="e", status="failed"

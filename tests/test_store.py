@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 
 import fakeredis
 import pytest
 
 from tasktree import keys
-from tasktree.errors import InputError
+from tasktree.connection import connect
+from tasktree.control import Control
+from tasktree.errors import FencedError, InputError
+from tasktree.keys import check_node_id, check_tree_id
 from tasktree.models import TreeSpec
+from tasktree.recovery import Recovery
 from tasktree.settings import load
-from tasktree.store import Store, check_node_id, check_tree_id
+from tasktree.states import NodeStatus, Step, TreeStatus, lua_prelude
+from tasktree.store import Gate, Store
 
 
 @pytest.fixture
@@ -31,9 +38,11 @@ def subs(n: int) -> list[dict[str, str]]:
 def test_create_tree_writes_tree_root_index_and_events(store: Store) -> None:
     tid = store.create_tree(spec(task="the task"))
     tree = store.tree(tid)
-    assert tree.status == "running" and tree.reserved == 1
+    assert tree.status == "running"
+    assert tree.reserved == 1
     assert [n.id for n in tree.nodes] == ["0"]
-    assert tree.root.instructions == "the task" and tree.root.status == "queued"
+    assert tree.root.instructions == "the task"
+    assert tree.root.status == "queued"
     assert store.r.zscore(keys.TREES, tid) is not None
     assert [e.get("tree") or e.get("status") for _, e in store.events(tid)] == ["running", "queued"]
 
@@ -42,20 +51,23 @@ def test_all_keys_of_a_tree_share_its_hash_tag(store: Store) -> None:
     tid = store.create_tree(spec())
     store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
     tree_keys = [k for k in store.r.keys("*") if k not in (keys.TREES, keys.RUNNING)]
-    assert tree_keys and all(f"{{{tid}}}" in k for k in tree_keys)
+    assert tree_keys
+    assert all(f"{{{tid}}}" in k for k in tree_keys)
 
 
 def test_decide_creates_children_and_is_written_once(store: Store) -> None:
     tid = store.create_tree(spec())
     decision, children = store.decide(tid, "0", "delegate", "broad", subs(3), ["n1"], "w")
-    assert decision == "delegate" and children == ["0.1", "0.2", "0.3"]
+    assert decision == "delegate"
+    assert children == ["0.1", "0.2", "0.3"]
     again = store.decide(tid, "0", "execute", "other", [], [], "w")
     assert again == ("delegate", ["0.1", "0.2", "0.3"])  # the stored decision wins
     tree = store.tree(tid)
     assert tree.reserved == 4
     assert [n.persona for n in tree.nodes[1:]] == ["p0", "p1", "p2"]
     assert all(n.depth == 1 and n.parent_id == "0" for n in tree.nodes[1:])
-    assert tree.root.status == "delegated" and tree.root.notes == ["n1"]
+    assert tree.root.status == "delegated"
+    assert tree.root.notes == ["n1"]
 
 
 def test_node_budget_clamps_children(store: Store) -> None:
@@ -96,20 +108,21 @@ def test_gate_claims_once_and_reports_busy_done_cancelled(store: Store) -> None:
     tid = store.create_tree(spec())
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
     busy = store.gate(tid, "0", "decide", "b", "deciding", "w")
-    assert busy.verdict == "BUSY" and int(busy.detail) > 0
+    assert busy.verdict == "BUSY"
+    assert int(busy.detail) > 0
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"  # holder again
     store.decide(tid, "0", "execute", "r", [], [], "w")
     assert store.gate(tid, "0", "decide", "b", "deciding", "w").verdict == "DONE"
-    store.cancel(tid)
+    Control(store).cancel(tid)
     assert store.gate(tid, "0", "execute", "b", "executing", "w").verdict == "CANCELLED"
 
 
 def test_gate_stops_calls_when_cost_or_token_budget_is_spent(store: Store) -> None:
     tid = store.create_tree(spec(max_cost=0.01, max_tokens=1000))
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
-    store.record_call(tid, "0", "decide", "m", 100, 50, 0.004, True, 0.1)
+    store.record_call(tid, "0", "decide", "m", 100, 50, 0.004, True, 0.1, token="a")
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
-    store.record_call(tid, "0", "decide", "m", 100, 50, 0.007, True, 0.1)
+    store.record_call(tid, "0", "decide", "m", 100, 50, 0.007, True, 0.1, token="a")
     g = store.gate(tid, "0", "decide", "a", "deciding", "w")
     assert (g.verdict, g.detail) == ("EXHAUSTED", "cost")
     tid2 = store.create_tree(spec(max_tokens=100))
@@ -117,7 +130,9 @@ def test_gate_stops_calls_when_cost_or_token_budget_is_spent(store: Store) -> No
     g = store.gate(tid2, "0", "decide", "a", "deciding", "w")
     assert (g.verdict, g.detail) == ("EXHAUSTED", "tokens")
     tree = store.tree(tid2)
-    assert tree.cost_unknown and tree.tokens == 100 and tree.root.lat_decide == pytest.approx(0.1)
+    assert tree.cost_unknown
+    assert tree.tokens == 100
+    assert tree.root.lat_decide == pytest.approx(0.1)
 
 
 def test_finish_is_once_and_root_closes_tree_with_derived_status(store: Store) -> None:
@@ -129,8 +144,10 @@ def test_finish_is_once_and_root_closes_tree_with_derived_status(store: Store) -
     assert store.tree(tid).status == "running"
     store.finish(tid, "0", "completed", result="synth")
     tree = store.tree(tid)
-    assert tree.status == "completed_with_errors" and tree.result == "synth"
-    assert tree.nodes[1].result == "a" and tree.nodes[2].error == "boom"
+    assert tree.status == "completed_with_errors"
+    assert tree.result == "synth"
+    assert tree.nodes[1].result == "a"
+    assert tree.nodes[2].error == "boom"
     assert [e.get("tree") for _, e in store.events(tid)][-1] == "completed_with_errors"
 
 
@@ -139,12 +156,12 @@ def test_cancel_closes_queued_nodes_at_once_and_keeps_results(store: Store) -> N
     store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
     store.gate(tid, "0.1", "decide", "a", "deciding", "w")
     store.finish(tid, "0.2", "completed", result="kept")
-    assert store.cancel(tid) == "cancelling"
+    assert Control(store).cancel(tid) == "cancelling"
     tree = store.tree(tid)
     statuses = {n.id: n.status for n in tree.nodes}
     assert statuses == {"0": "delegated", "0.1": "deciding", "0.2": "completed", "0.3": "cancelled"}
     assert tree.nodes[2].result == "kept"
-    assert store.cancel(tid) == "cancelling"  # idempotent
+    assert Control(store).cancel(tid) == "cancelling"  # idempotent
 
 
 def test_events_follow_every_state_change_in_order(store: Store) -> None:
@@ -184,26 +201,302 @@ def test_delete_tree_leaves_nothing(store: Store) -> None:
     assert store.r.keys("*") == []
 
 
-@pytest.mark.parametrize("bad", ["", "zz", "0" * 15, "../etc", "1a20a2d82ab4e9cZ"])
+@pytest.mark.parametrize(
+    "bad", ["", "zz", "0" * 15, "../etc", "1a20a2d82ab4e9cZ", "1a20a2d82ab4e9c0\n"]
+)
 def test_tree_ids_are_checked_before_use(bad: str) -> None:
     with pytest.raises(InputError):
         check_tree_id(bad)
 
 
-@pytest.mark.parametrize("bad", ["", "1", "0.0", "0..1", "0.1.", "0.a", "0.12345"])
+@pytest.mark.parametrize("bad", ["", "1", "0.0", "0..1", "0.1.", "0.a", "0.12345", "0\n", "0.1\n"])
 def test_node_ids_are_checked_before_use(bad: str) -> None:
     with pytest.raises(InputError):
         check_node_id(bad)
 
 
-def test_sweeper_finds_quiet_trees_and_due_syntheses(store: Store) -> None:
+def test_recovery_finds_quiet_trees_and_due_syntheses(store: Store) -> None:
+    recovery = Recovery(store)
     tid = store.create_tree(spec())
     store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
     store.finish(tid, "0.1", "completed", result="a")
-    assert store.stalled_trees(quiet_for=60) == []  # it just moved
-    assert store.stalled_trees(quiet_for=-1) == [tid]
-    assert store.orphaned_parents(tid) == []  # 0.2 still open
+    assert recovery.quiet_trees(quiet_for=60) == ([], [])  # it just moved
+    assert recovery.quiet_trees(quiet_for=-1) == ([tid], [])
+    assert recovery.stuck(tid, redrive_after=0).due == []  # 0.2 still open
     store.finish(tid, "0.2", "failed", error="x")
-    assert store.orphaned_parents(tid) == ["0"]
+    assert recovery.stuck(tid, redrive_after=0).due == ["0"]
     store.finish(tid, "0", "completed", result="s")
-    assert store.stalled_trees(quiet_for=-1) == [] and store.r.zcard(keys.RUNNING) == 0
+    assert recovery.quiet_trees(quiet_for=-1) == ([], [tid])
+    recovery.forget([tid])
+    assert store.r.zcard(keys.RUNNING) == 0
+
+
+def snapshot(store: Store) -> dict[str, bytes | None]:
+    return {k: store.r.dump(k) for k in store.r.keys("*")}
+
+
+def test_recovery_queries_do_not_write(store: Store) -> None:
+    recovery = Recovery(store)
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    before = snapshot(store)
+    assert recovery.quiet_trees(quiet_for=-1) == ([tid], [])
+    stuck = recovery.stuck(tid, redrive_after=0)
+    assert [n.id for n in stuck.lost] == ["0.1", "0.2"]
+    assert snapshot(store) == before
+    recovery.mark_redriven(tid, stuck.lost)  # the write, named as one
+    assert recovery.stuck(tid, redrive_after=60).lost == []
+
+
+@pytest.mark.integration
+def test_recovery_uses_redis_clock_not_the_workers(r, redis_url, monkeypatch) -> None:
+    """A worker whose clock runs an hour ahead must not see a tree that just moved as quiet
+    (a real Redis: fakeredis answers TIME from Python's clock)."""
+    store = Store(connect(redis_url), load(redis_url=None))
+    recovery = Recovery(store)
+    tid = store.create_tree(spec())
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert recovery.quiet_trees(quiet_for=60) == ([], [])
+    assert store.tree(tid).status == "running"
+
+
+def test_trees_of_another_queue_are_left_to_their_own_workers(store: Store) -> None:
+    other = Store(store.r, load(redis_url=None, node_queue="qb"))
+    tid = other.create_tree(spec())
+    assert Recovery(other).quiet_trees(quiet_for=-1) == ([tid], [])
+    assert Recovery(store).quiet_trees(quiet_for=-1) == ([], [])
+
+
+def test_release_deletes_only_its_own_claim(store: Store) -> None:
+    tid = store.create_tree(spec())
+    assert store.gate(tid, "0", "decide", "mine", "deciding", "w").verdict == "OK"
+    store.r.set(keys.claim(tid, "0", "decide"), "theirs")  # my lease ran out; another took it
+    store.release(tid, "0", "decide", "mine")
+    assert store.r.get(keys.claim(tid, "0", "decide")) == "theirs"
+    store.release(tid, "0", "decide", "theirs")
+    assert store.r.get(keys.claim(tid, "0", "decide")) is None
+
+
+def test_interrupt_stops_the_gate_and_resume_clears_abandoned_claims(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    assert store.gate(tid, "0.1", "decide", "lost", "deciding", "w").verdict == "OK"
+    for token in ("r1", "r2", "r3"):  # runs that died with their process
+        store.begin_run(tid, "0.1", token)
+    assert Control(store).interrupt(tid) == "interrupted"
+    assert store.gate(tid, "0.2", "decide", "t", "deciding", "w").verdict == "INTERRUPTED"
+    assert Control(store).resume(tid) == 3  # the root and both children are open
+    tree = store.tree(tid)
+    assert tree.status == "running"
+    assert tree.queue == store.settings.node_queue
+    assert store.r.get(keys.claim(tid, "0.1", "decide")) is None
+    assert store.r.hget(keys.node(tid, "0.1"), "open_runs") == "0"
+    with pytest.raises(InputError, match="not interrupted"):
+        Control(store).resume(tid)
+
+
+def test_settle_ends_a_cancelling_tree_keeping_what_finished(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    store.finish(tid, "0.1", "completed", result="kept")
+    Control(store).cancel(tid)
+    assert Control(store).settle(tid) == "cancelled"
+    tree = store.tree(tid)
+    assert tree.status == "cancelled"
+    assert tree.done == 3
+    assert {n.id: n.status for n in tree.nodes} == {
+        "0": "cancelled",
+        "0.1": "completed",
+        "0.2": "cancelled",
+    }
+    assert store.node(tid, "0.1").result == "kept"
+
+
+def test_lua_gets_the_status_sets_from_states() -> None:
+    from importlib import resources
+
+    known = {*NodeStatus, *TreeStatus, *Step, "delegate", "execute", "table"}  # + a Lua type
+    prelude = lua_prelude()
+    for name in ("completed", "failed", "cancelled", "budget_exhausted"):
+        assert f"{name} = true" in prelude.splitlines()[1]
+    assert "interrupted = true" in prelude.splitlines()[2]
+    for script in resources.files("tasktree.lua").iterdir():
+        if not script.name.endswith(".lua"):
+            continue
+        text = script.read_text()
+        assert "local TERMINAL" not in text, script.name
+        assert "local TREE_IDLE" not in text, script.name
+        # Every literal a script compares with, assigns as a status, or stores as one.
+        for word in re.findall(r"(?:[=~]= |final = |'status', )'([a-z_]+)'", text):
+            assert word in known, (script.name, word)
+
+
+def test_a_run_that_lost_its_claim_is_fenced_and_its_usage_is_waste(store: Store) -> None:
+    tid = store.create_tree(spec())
+    assert store.gate(tid, "0", "execute", "frozen", "executing", "w1").verdict == "OK"
+    store.r.delete(keys.claim(tid, "0", "execute"))  # its lease ran out while it was frozen
+    assert store.gate(tid, "0", "execute", "alive", "executing", "w2").verdict == "OK"
+    usage = ("execute", "m", 10, 5, 0.5, True, 0.1)
+    assert store.record_call(tid, "0", *usage, token="frozen", call_id="frozen:1") == 2
+    assert store.record_call(tid, "0", *usage, token="alive", call_id="alive:1") == 1
+    assert store.finish(tid, "0", "completed", result="late", token="frozen") == "FENCED"
+    assert store.finish(tid, "0", "completed", result="on time", token="alive") == "OK"
+    node, tree = store.node(tid, "0"), store.tree(tid, with_nodes=False)
+    assert (node.calls, node.tokens, node.result) == (1, 15, "on time")
+    assert (node.waste_calls, node.waste_tokens) == (1, 15)
+    assert (tree.calls, tree.waste_calls) == (1, 1)
+    assert tree.cost_usd == pytest.approx(0.5)
+    assert tree.waste_cost_usd == pytest.approx(0.5)
+
+
+def test_a_decision_from_a_fenced_run_is_refused(store: Store) -> None:
+    tid = store.create_tree(spec())
+    assert store.gate(tid, "0", "decide", "alive", "deciding", "w2").verdict == "OK"
+    with pytest.raises(FencedError):
+        store.decide(tid, "0", "delegate", "r", subs(2), [], "w1", token="frozen")
+    assert store.decide(tid, "0", "execute", "r", [], [], "w2", token="alive") == ("execute", [])
+
+
+def test_a_call_is_recorded_once_when_its_script_is_sent_again(store: Store) -> None:
+    tid = store.create_tree(spec())
+    usage = ("decide", "m", 100, 50, 0.0, False, 0.2)
+    assert store.record_call(tid, "0", *usage, token="t", call_id="t:1") == 1
+    assert store.record_call(tid, "0", *usage, token="t", call_id="t:1") == 0  # a re-send
+    assert store.node(tid, "0").calls == 1
+    assert store.tree(tid, with_nodes=False).tokens == 150
+
+
+def test_a_failed_call_counts_once_when_its_script_is_sent_again(store: Store) -> None:
+    tid = store.create_tree(spec())
+    assert store.call_failed(tid, "0", "execute", "503", 0.0, call_id="t:1") == 1
+    assert store.call_failed(tid, "0", "execute", "503", 0.0, call_id="t:1") == 1  # a re-send
+    assert store.call_failed(tid, "0", "execute", "429", 0.0, call_id="t:2") == 2
+    assert (store.node(tid, "0").failed_execute, store.node(tid, "0").failed_calls) == (2, 2)
+
+
+def test_nothing_is_written_for_a_tree_that_no_longer_exists(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.r.flushall()  # Redis restarted without persistence
+    assert store.record_call(tid, "0", "execute", "m", 1, 1, 0.0, False, 0.1, token="t") == -1
+    store.end_run(tid, "0", "t")
+    assert store.finish(tid, "0", "completed", result="x") == "MISSING"
+    assert store.call_failed(tid, "0", "execute", "boom", 0.0) == -1
+    assert store.r.keys("*") == []
+
+
+def test_a_late_reply_after_the_step_was_finished_by_another_run_is_waste(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.gate(tid, "0", "execute", "frozen", "executing", "w1")
+    store.r.delete(keys.claim(tid, "0", "execute"))  # lease expired while frozen
+    store.gate(tid, "0", "execute", "alive", "executing", "w2")
+    usage = ("execute", "m", 10, 5, 0.0, False, 0.1)
+    assert store.record_call(tid, "0", *usage, token="alive", call_id="a:1") == 1
+    assert store.finish(tid, "0", "completed", result="done", token="alive") == "OK"
+    assert store.record_call(tid, "0", *usage, token="frozen", call_id="f:1") == 2  # no holder now
+    node = store.node(tid, "0")
+    assert (node.calls, node.waste_calls) == (1, 1)
+
+
+def test_begin_end_and_create_apply_once_when_sent_again(store: Store) -> None:
+    """redis-py re-sends a command whose reply timed out; Redis may have run the first one."""
+    tid = store.create_tree(spec())
+    tree_keys = [keys.tree(tid), keys.node(tid, "0"), keys.nodes(tid), keys.events(tid)]
+    assert store.script("create", tree_keys, ["{}", "{}", 0]) == 0  # the re-sent create
+    assert store.r.lrange(keys.nodes(tid), 0, -1) == ["0"]
+    assert len(store.events(tid)) == 2
+    _, _, first = store.begin_run(tid, "0", "run-1")
+    _, node, again = store.begin_run(tid, "0", "run-1")
+    assert (first, again, node["deliveries"]) == (1, 1, "1")
+    store.end_run(tid, "0", "run-1")
+    store.end_run(tid, "0", "run-1")
+    assert store.r.hget(keys.node(tid, "0"), "open_runs") == "0"
+
+
+def test_a_message_stops_being_live_when_its_heartbeat_is_a_lease_old(store: Store) -> None:
+    tid = store.create_tree(spec())
+    recovery = Recovery(store)
+    q = recovery.queue
+    beating = keys.live_member(tid, "0", "node", "tag-1")
+    ended = keys.live_member(tid, "0", "synthesis", "tag-2")
+    released = keys.live_member(tid, "0", "node", "tag-3")
+    for member in (beating, ended, released):
+        store.run_started(q, member)
+    assert recovery.dead_runs(lease_seconds=60) == []  # beat just now
+    released_ = [(q, released), (q, ended)]
+    assert store.renew([], {q: [beating]}, released_, 15) == 0  # no claims to extend
+    assert store.r.zrange(keys.live(q), 0, -1) == [beating]
+    assert recovery.dead_runs(lease_seconds=0) == [(tid, "0", "node")]  # taken, once
+    assert recovery.dead_runs(lease_seconds=0) == []
+
+
+def test_the_heartbeat_lists_what_the_process_holds_and_drops_what_it_let_go(
+    store: Store,
+) -> None:
+    from tasktree.leases import Leases
+
+    tid = store.create_tree(spec())
+    q = store.settings.node_queue
+    a, b = (keys.live_member(tid, "0", "node", t) for t in ("tag-a", "tag-b"))
+    held = {(q, a), (q, b)}
+    leases = Leases(store, 15, held=lambda: set(held))
+    leases.renew_once()
+    assert sorted(store.r.zrange(keys.live(q), 0, -1)) == sorted([a, b])
+    held.discard((q, a))  # e.g. a lost broker connection took a reserved message back
+    leases.renew_once()
+    assert store.r.zrange(keys.live(q), 0, -1) == [b]
+
+
+def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it() -> None:
+    store = Store(fakeredis.FakeRedis(decode_responses=True), load(redis_url=None, tree_ttl=600))
+    r = store.r
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    store.begin_run(tid, "0.1", "run-a")  # a run that never ends: its key stays
+    store.record_call(tid, "0.1", "decide", "m", 1, 1, 0.0, True, 0.1, call_id="c1")
+    store.finish(tid, "0.2", "completed", result="b")
+    assert all(r.ttl(k) == -1 for k in r.keys(f"tasktree:{{{tid}}}:*"))  # running: kept
+    store.finish(tid, "0", "completed", result="synth")
+    tree_keys = r.keys(f"tasktree:{{{tid}}}:*")
+    assert len(tree_keys) == 8  # tree, nodes, events, calls, 3 nodes, the open run
+    assert all(0 < r.ttl(k) <= 600 for k in tree_keys)
+    store.begin_run(tid, "0.2", "late")  # a straggler after the end: its key expires too
+    assert 0 < r.ttl(keys.runs(tid, "0.2")) <= 600
+
+
+def test_settling_a_cancelled_tree_starts_its_retention_and_zero_keeps_it() -> None:
+    for ttl, expect in [(60, lambda t: 0 < t <= 60), (0, lambda t: t == -1)]:
+        store = Store(
+            fakeredis.FakeRedis(decode_responses=True), load(redis_url=None, tree_ttl=ttl)
+        )
+        tid = store.create_tree(spec())
+        store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+        Control(store).interrupt(tid)
+        assert Control(store).settle(tid) == "cancelled"
+        assert all(expect(store.r.ttl(k)) for k in store.r.keys(f"tasktree:{{{tid}}}:*"))
+
+
+def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store: Store) -> None:
+    tid = store.create_tree(spec(max_tokens=1000))
+    store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
+    reserved = lambda: int(store.r.hget(keys.tree(tid), "reserved_tokens") or 0)  # noqa: E731
+    # 300 prompt tokens and a cap of 4096: shrunk to the 700 left.
+    gate = store.gate(tid, "0.1", "execute", "a", "executing", "w", (4096, 300, 0.0, 0.0))
+    assert (gate.verdict, gate.detail, reserved()) == ("OK", "700", 1000)
+    # Nothing is left for a second call racing the first.
+    assert store.gate(tid, "0.2", "execute", "b", "executing", "w", (4096, 300, 0.0, 0.0)) == (
+        Gate("EXHAUSTED", "tokens")
+    )
+    # The call used 300 + 50: the reservation is replaced by the actual usage.
+    store.record_call(tid, "0.1", "execute", "m", 300, 50, 0.0, True, 0.1, token="a", call_id="1")
+    assert reserved() == 0
+    gate = store.gate(tid, "0.2", "execute", "b", "executing", "w", (100, 300, 0.0, 0.0))
+    assert (gate.detail, reserved()) == ("100", 400)
+    store.release(tid, "0.2", "execute", "b")  # the call failed: given back
+    assert reserved() == 0
+    store.gate(tid, "0.3", "execute", "c", "executing", "w", (100, 300, 0.0, 0.0))
+    store.r.delete(keys.claim(tid, "0.3", "execute"))  # its run died; the lease ran out
+    store.gate(tid, "0.3", "execute", "d", "executing", "w", (100, 300, 0.0, 0.0))
+    assert reserved() == 400  # the dead run's reservation was given back, the new one made
+    store.finish(tid, "0.3", "failed", error="boom")
+    assert reserved() == 0  # a node that closes gives back what it still held

@@ -27,9 +27,14 @@ def test_three_level_tree_completes_with_every_node_stored(client, start_workers
     start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "2"})
     tree = run_tree(client, "Plan a conference.", max_depth=2)
     assert tree.status == "completed"
-    assert len(tree.nodes) == 7 and {n.depth for n in tree.nodes} == {0, 1, 2}
+    assert len(tree.nodes) == 7
+    assert {n.depth for n in tree.nodes} == {0, 1, 2}
     for n in tree.nodes:
-        assert n.status == "completed" and n.result and n.worker and n.started_at and n.finished_at
+        assert n.status == "completed"
+        assert n.result
+        assert n.worker
+        assert n.started_at
+        assert n.finished_at
     leaves = [n for n in tree.nodes if n.depth == 2]
     assert all(n.decision == "execute" and "depth limit" in n.notes[0] for n in leaves)
     assert all(n.calls == 1 for n in leaves)  # no decision call at the depth limit
@@ -54,10 +59,12 @@ def test_budgets_clamp_an_always_delegating_model(client, start_workers) -> None
     start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "5"})
     tree = run_tree(client, "anything", max_depth=2, max_children=3, max_nodes=10)
     assert tree.status == "completed"
-    assert len(tree.nodes) <= 10 and max(n.depth for n in tree.nodes) <= 2
+    assert len(tree.nodes) <= 10
+    assert max(n.depth for n in tree.nodes) <= 2
     assert all(len(n.children) <= 3 for n in tree.nodes)
     notes = [note for n in tree.nodes for note in n.notes]
-    assert any("max_children=3" in x for x in notes) and any("node budget" in x for x in notes)
+    assert any("max_children=3" in x for x in notes)
+    assert any("node budget" in x for x in notes)
 
 
 def test_node_budget_holds_under_parallel_siblings(client, start_workers) -> None:
@@ -96,12 +103,12 @@ def test_two_workers_share_a_tree_and_cli_json_reports_it(env, start_workers) ->
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["status"] == "completed" and len(doc["nodes"]) == 21
+    assert doc["status"] == "completed"
+    assert len(doc["nodes"]) == 21
     names = {x.name.replace("%h", "") for x in w}
     workers = {n["worker"] for n in doc["nodes"]}
-    assert len(workers) == 2 and all(
-        any(re.match(re.escape(p), wk) for p in names) for wk in workers
-    )
+    assert len(workers) == 2
+    assert all(any(re.match(re.escape(p), wk) for p in names) for wk in workers)
     for key in (
         "id",
         "parent_id",
@@ -128,4 +135,5 @@ def test_single_call_mode_answers_leaves_in_one_call(client, start_workers) -> N
     leaves = lambda t: [n for n in t.nodes if not n.children]  # noqa: E731
     assert all(n.calls == 2 for n in leaves(normal))  # decide, then execute
     assert all(n.calls == 1 and n.result and n.decision == "execute" for n in leaves(single))
-    assert single.calls == normal.calls - 3 and single.tokens < normal.tokens
+    assert single.calls == normal.calls - 3
+    assert single.tokens < normal.tokens

@@ -6,158 +6,186 @@ import contextlib
 import logging
 from typing import Any
 
-from celery import Celery, Task, chord, signals
+from celery import Celery, Task, signals
 
-from tasktree import keys
-from tasktree.errors import PayloadError, StoreError
+from tasktree import keys, messages
+from tasktree.errors import InputError, PayloadError, StoreError
 from tasktree.models import check_text
 from tasktree.proto import TaskRequest, TaskResult, from_dict, to_dict
-from tasktree.runner import NodeRun, Outcome
+from tasktree.runner import Delegate, Done, NodeRun, Outcome, Retry
+from tasktree.states import NODE_TERMINAL, NodeStatus
 
 log = logging.getLogger(__name__)
 
-NODE = "tasktree.node"
-SYNTHESIZE = "tasktree.synthesize"
 STORE_RETRY = 2.0  # seconds between tries while Redis is away
-
-
-def describe(req: TaskRequest) -> str:
-    """What Flower shows as the task's arguments: ids and a short persona, never the prompt."""
-    persona = " ".join(req.persona_prompt.split())[:40]
-    return f"tree={req.tree_id} node={req.node_id} persona={persona!r}"
 
 
 def validate(payload: Any, settings: Any) -> TaskRequest:
     """Decode a node message; any problem raises PayloadError naming it."""
     req = from_dict(TaskRequest, payload)
-    if not keys.TREE_ID_RE.match(req.tree_id) or not keys.NODE_ID_RE.match(req.node_id):
+    if not valid_ids(req.tree_id, req.node_id):
         raise PayloadError(f"invalid tree_id/node_id {req.tree_id!r}/{req.node_id!r}")
     try:
         check_text("persona_prompt", req.persona_prompt, settings.max_persona_chars)
         check_text("task_instructions", req.task_instructions, settings.max_task_chars)
-    except Exception as e:
+    except InputError as e:
         raise PayloadError(str(e)) from None
     return req
 
 
-def result_of(tree_id: str, node_id: str, outcome: Outcome) -> dict[str, Any]:
+def valid_ids(tree_id: object, node_id: object) -> bool:
+    return (
+        isinstance(tree_id, str)
+        and keys.TREE_ID_RE.fullmatch(tree_id) is not None
+        and isinstance(node_id, str)
+        and keys.NODE_ID_RE.fullmatch(node_id) is not None
+    )
+
+
+def result_of(tree_id: str, node_id: str, done: Done) -> dict[str, Any]:
     """The chord member's return value: small; the content stays in the store."""
-    ok = outcome.status == "completed"
+    ok = done.status == NodeStatus.COMPLETED
     return to_dict(
         TaskResult(
             task_id=f"{tree_id}/{node_id}",
             success=ok,
-            status=outcome.status,
-            error_message=outcome.error,
+            status=done.status,
+            error_message=done.error,
         )
     )
 
 
+def node_run(task: Task, tree_id: str, node_id: str) -> NodeRun:
+    rt = task.app.tasktree
+    worker = task.request.hostname or ""
+    return NodeRun(rt.store, rt.settings, tree_id, node_id, worker, rt.complete, rt.leases)
+
+
+def follow(task: Task, req: TaskRequest, outcome: Outcome) -> dict[str, Any]:
+    """Do what the outcome says: ack with a result, fan out, or run again later.
+
+    A node closed by a message that is no chord's member (the sweeper re-sent it) has no
+    chord to fire its parent's synthesis: the one sibling the store picks sends it."""
+    if isinstance(outcome, Retry):
+        log.debug("node %s again in %.1fs: %s", req.node_id, outcome.countdown, outcome.reason)
+        raise task.retry(countdown=outcome.countdown)
+    if isinstance(outcome, Delegate):
+        fan = messages.fan_out(task.app, req, outcome.children, outcome.queue, outcome.synth_queue)
+        raise task.replace(fan)
+    if not task.request.chord and req.node_id != keys.ROOT and outcome.status in NODE_TERMINAL:
+        store = task.app.tasktree.store
+        synth_queue = store.synthesis_due(req.tree_id, req.node_id)
+        if synth_queue:
+            parent = keys.parent_id(req.node_id)
+            log.info(
+                "tree %s: node %s closed outside a chord; sending %s's synthesis",
+                req.tree_id,
+                req.node_id,
+                parent,
+            )
+            messages.send_synthesis(
+                task.app,
+                req.tree_id,
+                parent,
+                synth_queue if synth_queue != "-" else task.app.tasktree.settings.synth_queue,
+            )
+    return result_of(req.tree_id, req.node_id, outcome)
+
+
+def run_node(task: Task, payload: Any) -> dict[str, Any]:
+    """The node task: decide, then execute or fan out."""
+    try:
+        req = validate(payload, task.app.tasktree.settings)
+    except PayloadError as e:
+        return reject(task, payload, e)
+    try:
+        outcome = node_run(task, req.tree_id, req.node_id).run_node(req)
+    except StoreError as e:
+        log.warning("store unavailable (%s); retrying node %s", e, req.node_id)
+        raise task.retry(countdown=STORE_RETRY) from None
+    return follow(task, req, outcome)
+
+
+def run_synthesis(task: Task, tree_id: str, node_id: str) -> dict[str, Any]:
+    """The chord callback: the parent's synthesis."""
+    if not valid_ids(tree_id, node_id):
+        bad = {"tree_id": tree_id, "node_id": node_id}
+        return reject(task, bad, PayloadError("invalid synthesis arguments"))
+    try:
+        outcome = node_run(task, tree_id, node_id).run_synthesis()
+    except StoreError as e:
+        log.warning("store unavailable (%s); retrying synthesis %s", e, node_id)
+        raise task.retry(countdown=STORE_RETRY) from None
+    return follow(task, TaskRequest(tree_id=tree_id, node_id=node_id), outcome)
+
+
+def reject(task: Task, payload: Any, error: Exception) -> dict[str, Any]:
+    """A message that does not validate: fail its node if it names one, never redeliver."""
+    log.error("rejected message %s: %s", task.request.id, error)
+    tid = payload.get("tree_id") if isinstance(payload, dict) else None
+    nid = payload.get("node_id") if isinstance(payload, dict) else None
+    if valid_ids(tid, nid):
+        with contextlib.suppress(StoreError):
+            task.app.tasktree.store.finish(
+                tid,
+                nid,
+                NodeStatus.FAILED,
+                error=f"invalid message: {error}",
+                worker=task.request.hostname or "",
+            )
+    scrubbed = task.app.tasktree.store.scrub(str(error))
+    return to_dict(TaskResult(success=False, status="failed", error_message=scrubbed))
+
+
+def live_member(name: str, args: Any, properties: Any) -> str | None:
+    """A received message's member of the live index, by its delivery tag (a retry is a new
+    message with the same task id), or None for a message that names no node."""
+    tag = (properties or {}).get("delivery_tag")
+    args = list(args or ())
+    if name == messages.NODE and args and isinstance(args[0], dict):
+        tree_id, node_id, kind = args[0].get("tree_id"), args[0].get("node_id"), "node"
+    elif name == messages.SYNTHESIZE and len(args) == 2:
+        tree_id, node_id, kind = args[0], args[1], "synthesis"
+    else:
+        return None
+    if not (tag and valid_ids(tree_id, node_id)):
+        return None
+    return keys.live_member(str(tree_id), str(node_id), kind, str(tag))
+
+
+def held_by(app: Celery) -> set[tuple[str, str]]:
+    """The live members of the messages this process's worker holds for `app` now: running,
+    reserved, or waiting out a countdown (Celery's own record, which drops what a lost broker
+    connection took back)."""
+    from celery.worker import state
+
+    queue = app.tasktree.settings.node_queue
+    held = set()
+    for sets in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+        for request in list(sets):
+            if request.app is app:
+                properties = request.request_dict.get("properties")
+                member = live_member(request.name, request.args, properties)
+                if member:
+                    held.add((queue, member))
+    return held
+
+
+@signals.task_received.connect
+def on_received(request: Any, **_: Any) -> None:
+    """List a message in the live index as soon as it arrives; the beats keep it there while
+    the worker holds it and take it off at the first beat after (no round trip per task). If
+    the worker dies holding it, the sweeper sends its node again a lease after the beats stop
+    (a message that had just finished is sent for nothing: its node answers from the store)."""
+    runtime = getattr(request.app, "tasktree", None)
+    member = live_member(request.name, request.args, request.request_dict.get("properties"))
+    if runtime is not None and member:
+        with contextlib.suppress(StoreError):
+            runtime.leases.start_run(runtime.settings.node_queue, member)
+
+
 def register(app: Celery) -> None:
     """Register the two tasks on `app`."""
-
-    def run(task: Task, tree_id: str, node_id: str) -> NodeRun:
-        rt = task.app.tasktree  # type: ignore[attr-defined]
-        return NodeRun(
-            rt.store,
-            rt.settings,
-            tree_id,
-            node_id,
-            worker=task.request.hostname or "",
-            attempt=task.request.retries,
-        )
-
-    @app.task(name=NODE, bind=True, max_retries=None, acks_late=True, shared=False)
-    def node(self: Task, payload: Any) -> dict[str, Any]:
-        settings = self.app.tasktree.settings  # type: ignore[attr-defined]
-        try:
-            req = validate(payload, settings)
-        except PayloadError as e:
-            return reject(self, payload, e)
-        nr = run(self, req.tree_id, req.node_id)
-        try:
-            outcome = nr.run_node(req)
-        except StoreError as e:
-            log.warning("store unavailable (%s); retrying node %s", e, req.node_id)
-            raise self.retry(countdown=STORE_RETRY) from None
-        if outcome.kind == "retry":
-            raise self.retry(countdown=outcome.countdown)
-        if outcome.kind == "delegate":
-            header = [
-                self.app.signature(NODE, args=(to_dict(c),), immutable=True).set(
-                    argsrepr=describe(c)
-                )
-                for c in outcome.children
-            ]
-            body = self.app.signature(
-                SYNTHESIZE, args=(req.tree_id, req.node_id), immutable=True
-            ).set(argsrepr=describe(req))
-            raise self.replace(chord(header, body))
-        return result_of(req.tree_id, req.node_id, outcome)
-
-    @app.task(name=SYNTHESIZE, bind=True, max_retries=None, acks_late=True, shared=False)
-    def synthesize(self: Task, tree_id: str, node_id: str) -> dict[str, Any]:
-        if not (
-            isinstance(tree_id, str)
-            and keys.TREE_ID_RE.match(tree_id)
-            and isinstance(node_id, str)
-            and keys.NODE_ID_RE.match(node_id)
-        ):
-            return reject(
-                self,
-                {"tree_id": tree_id, "node_id": node_id},
-                PayloadError("invalid synthesis arguments"),
-            )
-        nr = run(self, tree_id, node_id)
-        try:
-            outcome = nr.run_synthesis()
-        except StoreError as e:
-            log.warning("store unavailable (%s); retrying synthesis %s", e, node_id)
-            raise self.retry(countdown=STORE_RETRY) from None
-        if outcome.kind == "retry":
-            raise self.retry(countdown=outcome.countdown)
-        return result_of(tree_id, node_id, outcome)
-
-    def reject(task: Task, payload: Any, error: Exception) -> dict[str, Any]:
-        """A message that does not validate: fail its node if it names one, never redeliver."""
-        log.error("rejected message %s: %s", task.request.id, error)
-        tid = payload.get("tree_id") if isinstance(payload, dict) else None
-        nid = payload.get("node_id") if isinstance(payload, dict) else None
-        if (
-            isinstance(tid, str)
-            and keys.TREE_ID_RE.match(tid)
-            and isinstance(nid, str)
-            and keys.NODE_ID_RE.match(nid)
-        ):
-            with contextlib.suppress(StoreError):
-                task.app.tasktree.store.finish(  # type: ignore[union-attr]
-                    tid,
-                    nid,
-                    "failed",
-                    error=f"invalid message: {error}",
-                    worker=task.request.hostname or "",
-                )
-        return to_dict(TaskResult(success=False, status="failed", error_message=str(error)))
-
-    @signals.worker_init.connect(weak=False)
-    def _warm(sender: Any = None, **_: Any) -> None:
-        """Import litellm when the worker starts, not on its first node."""
-        own = getattr(sender, "app", None)
-        if own is app:
-            from tasktree.llm import warm
-
-            warm(app.tasktree.settings)  # type: ignore[attr-defined,union-attr]
-
-    sweepers: list[Any] = []
-
-    @signals.worker_ready.connect(weak=False)
-    def _start_sweeper(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            from workers import sweeper
-
-            sweepers.append(sweeper.start(app))
-
-    @signals.worker_shutdown.connect(weak=False)
-    def _stop_sweeper(sender: Any = None, **_: Any) -> None:
-        for stop in sweepers:
-            stop.set()
+    options = {"bind": True, "max_retries": None, "acks_late": True, "shared": False}
+    app.task(name=messages.NODE, **options)(run_node)
+    app.task(name=messages.SYNTHESIZE, **options)(run_synthesis)

@@ -1,13 +1,24 @@
 -- Store a node's decision once; when it delegates, reserve node budget and create children.
 -- KEYS: tree, node, events, nodes, claim, child_1 .. child_k (k = sub-tasks after clamping)
--- ARGV: node_id, now, worker, decision JSON {decision, reason, notes, sub_tasks=[{requested_persona, task_details}]}
+-- ARGV: node_id, now, worker, decision JSON {decision, reason, notes,
+--       sub_tasks=[{requested_persona, task_details, after=[1-based sibling positions]}]},
+--       token (the decide claim's holder, or '' when no model call is behind it)
 -- Returns {decision, children csv}: the stored one if a decision already exists.
 local node_id, now, worker = ARGV[1], ARGV[2], ARGV[3]
 local existing = redis.call('HGET', KEYS[2], 'decision')
 if existing then
   return {existing, redis.call('HGET', KEYS[2], 'children') or ''}
 end
-if not redis.call('HGET', KEYS[2], 'status') then return {'MISSING', ''} end
+local cur = redis.call('HGET', KEYS[2], 'status')
+if not cur or redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'MISSING', ''}
+end
+-- Closed while its call ran (its subtree was cancelled): the decision belongs to no one.
+if TERMINAL[cur] then return {'FENCED', ''} end
+if ARGV[5] and ARGV[5] ~= '' then
+  local holder = redis.call('GET', KEYS[5])
+  if holder and holder ~= ARGV[5] then return {'FENCED', ''} end
+end
 local d = cjson.decode(ARGV[4])
 local notes = d.notes or {}
 local decision = d.decision
@@ -33,6 +44,12 @@ for i = 1, allowed do
   redis.call('HSET', KEYS[5 + i], 'id', cid, 'parent', node_id, 'depth', depth,
     'persona', st.requested_persona, 'instructions', st.task_details,
     'status', 'queued', 'created_at', now)
+  inherit_ttl(KEYS[1], KEYS[5 + i])
+  local after = {}  -- the siblings it starts after (those the node budget kept)
+  for _, k in ipairs(type(st.after) == 'table' and st.after or {}) do
+    if k <= allowed then table.insert(after, node_id .. '.' .. k) end
+  end
+  if #after > 0 then redis.call('HSET', KEYS[5 + i], 'after', table.concat(after, ',')) end
   redis.call('RPUSH', KEYS[4], cid)
   ids[i] = cid
 end
@@ -49,5 +66,6 @@ emit(KEYS[1], KEYS[3], 'node', node_id, 'status', new_status, 'decision', decisi
 for i = 1, allowed do
   emit(KEYS[1], KEYS[3], 'node', ids[i], 'status', 'queued', 'ts', now)
 end
+redis.call('HDEL', KEYS[2], 'kept_decide')
 redis.call('DEL', KEYS[5])
 return {decision, children}

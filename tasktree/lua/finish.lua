@@ -1,10 +1,17 @@
 -- Close a node once (completed, failed, cancelled, budget_exhausted); closing the root closes the tree.
--- KEYS: tree, node, events, claim
--- ARGV: node_id, status, result, error, now, worker, only_if (required current status, or ''), note, context_keys JSON
+-- KEYS: tree, node, events, claim, runs, nodes, calls
+-- ARGV: node_id, status, result, error, now, worker, only_if (required current status, or ''), note, context_keys JSON,
+--       token (the run's: the claim of the step this closes, or '' when no run is behind it),
+--       node key prefix, runs key prefix (for the retention of the tree's keys when it ends)
+-- The run that closes the node also ends there (its token leaves the node's open runs).
 local node_id, status, now = ARGV[1], ARGV[2], ARGV[5]
 local cur = redis.call('HGET', KEYS[2], 'status')
-if not cur then return {'MISSING'} end
+if not cur or redis.call('EXISTS', KEYS[1]) == 0 then return {'MISSING'} end
 if TERMINAL[cur] then return {'ALREADY', cur} end
+if ARGV[10] ~= '' then
+  local holder = redis.call('GET', KEYS[4])
+  if holder and holder ~= ARGV[10] then return {'FENCED', cur} end
+end
 if ARGV[7] ~= '' and cur ~= ARGV[7] then return {'SKIPPED', cur} end
 redis.call('HSET', KEYS[2], 'status', status, 'finished_at', now)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[3]) end
@@ -17,7 +24,13 @@ if ARGV[8] ~= '' then
   table.insert(notes, ARGV[8])
   redis.call('HSET', KEYS[2], 'notes', cjson.encode(notes))
 end
+redis.call('HDEL', KEYS[2], 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting')
+for _, step in ipairs({'decide', 'execute', 'synthesize'}) do unreserve(KEYS[1], KEYS[2], step, nil) end
 redis.call('DEL', KEYS[4])
+if ARGV[10] ~= '' then
+  redis.call('SREM', KEYS[5], ARGV[10])
+  redis.call('HSET', KEYS[2], 'open_runs', redis.call('SCARD', KEYS[5]))
+end
 redis.call('HINCRBY', KEYS[1], 'done', 1)
 if status ~= 'completed' then redis.call('HINCRBY', KEYS[1], status, 1) end
 local fields = {'node', node_id, 'status', status, 'ts', now}
@@ -34,5 +47,6 @@ if node_id == '0' then
   else final = 'completed' end
   redis.call('HSET', KEYS[1], 'status', final, 'finished_at', now)
   emit(KEYS[1], KEYS[3], 'tree', final, 'ts', now)
+  retain(KEYS[1], KEYS[6], KEYS[3], KEYS[7], ARGV[11], ARGV[12])
 end
 return {'OK', status}

@@ -1,19 +1,49 @@
 -- Before every LLM call: may this attempt call the model for this node's step now?
 -- KEYS: tree, node, claim, events
--- ARGV: node_id, step, token, lease_ms, running_status, now, worker
+-- ARGV: node_id, step, token, lease_ms, running_status, now, worker,
+--       completion cap (0: reserve nothing), prompt tokens, USD per input token, per output token
+-- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
+-- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
 local status = redis.call('HGET', KEYS[2], 'status')
 if not status then return {'MISSING'} end
 if TERMINAL[status] then return {'DONE'} end
 if step == 'decide' and redis.call('HEXISTS', KEYS[2], 'decision') == 1 then return {'DONE'} end
 local tstatus = redis.call('HGET', KEYS[1], 'status')
+if tstatus == 'interrupted' then return {'INTERRUPTED'} end
 if tstatus ~= 'running' then return {'CANCELLED'} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
-local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens', 'completion_tokens')
+unreserve(KEYS[1], KEYS[2], step, nil)  -- left by a run that lost this step's claim
+local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
+  'completion_tokens', 'reserved_tokens', 'reserved_cost')
 if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost'} end
 if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'tokens'} end
+local cap, prompt = num(ARGV[8]), num(ARGV[9])
+local per_in, per_out = num(ARGV[10]), num(ARGV[11])
+local MIN_COMPLETION = 16
+if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
+  if num(t[3]) > 0 then
+    local left = num(t[3]) - num(t[4]) - num(t[5]) - num(t[6]) - prompt
+    if left < MIN_COMPLETION then return {'EXHAUSTED', 'tokens'} end
+    cap = math.min(cap, left)
+  end
+  if num(t[1]) > 0 and per_out > 0 then
+    local left = num(t[1]) - num(t[2]) - num(t[7]) - prompt * per_in
+    local fits = math.floor(left / per_out)
+    if fits < MIN_COMPLETION then return {'EXHAUSTED', 'cost'} end
+    cap = math.min(cap, fits)
+  end
+  local tokens, cost = prompt + cap, prompt * per_in + cap * per_out
+  redis.call('HINCRBY', KEYS[1], 'reserved_tokens', tokens)
+  redis.call('HINCRBYFLOAT', KEYS[1], 'reserved_cost', cost)
+  redis.call('HSET', KEYS[2], 'resv_' .. step, ARGV[3] .. '|' .. tokens .. '|' .. string.format('%.12g', cost))
+else
+  cap = 0
+end
 redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
+redis.call('HSET', KEYS[2], 'call_at', ARGV[6])
+redis.call('HDEL', KEYS[2], 'retry_at')
 if status ~= ARGV[5] then
   redis.call('HSET', KEYS[2], 'status', ARGV[5], 'worker', ARGV[7])
   if redis.call('HEXISTS', KEYS[2], 'started_at') == 0 then
@@ -21,4 +51,4 @@ if status ~= ARGV[5] then
   end
   emit(KEYS[1], KEYS[4], 'node', node_id, 'status', ARGV[5], 'worker', ARGV[7], 'ts', ARGV[6])
 end
-return {'OK'}
+return {'OK', tostring(cap)}

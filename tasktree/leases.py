@@ -1,0 +1,110 @@
+"""Heartbeats: keep the claims of running model calls, and the runs in progress, alive while
+their worker process lives.
+
+A claim's lease is short (TASKTREE_STEP_LEASE, default 15 s) whatever the model's timeout:
+one thread per worker process renews every claim its calls hold, three times per lease. When
+the process dies or freezes, renewal stops and its claims expire within one lease, so another
+run may take the step, and a late reply from the frozen run is fenced off (recorded as waste).
+
+The same beat scores, in the live index, every message the worker process holds (running,
+prefetched, or held for a countdown: Celery's own record of them), and takes off those it
+no longer holds; a member whose score is a lease old belongs to a dead (or frozen) worker,
+and the sweeper sends its node again at once, however busy the rest of the tree is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from tasktree.store import Store
+
+log = logging.getLogger(__name__)
+
+Claim = tuple[str, str, str, str]  # tree, node, step, token
+Member = tuple[str, str]  # queue, live index member
+Held = Callable[[], set[Member]]
+
+
+class Leases:
+    """The claims and held messages of this process, renewed together by one thread (started
+    in the process that first needs it, so a forked pool child gets its own). `held` says
+    which live members the process holds now (the worker's own record of its messages)."""
+
+    def __init__(self, store: Store, lease_seconds: float, held: Held | None = None) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.held = held
+        self._claims: set[Claim] = set()
+        self._slots: set[tuple[str, str]] = set()  # (model, token) of calls in flight
+        self._listed: set[Member] = set()  # what the last beat scored
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._stop = threading.Event()
+
+    def hold(self, tree_id: str, node_id: str, step: str, token: str) -> None:
+        self._ensure_thread()
+        with self._lock:
+            self._claims.add((tree_id, node_id, step, token))
+
+    def drop(self, tree_id: str, node_id: str, step: str, token: str) -> None:
+        with self._lock:
+            self._claims.discard((tree_id, node_id, step, token))
+
+    def hold_slot(self, model: str, token: str) -> None:
+        self._ensure_thread()
+        with self._lock:
+            self._slots.add((model, token))
+
+    def drop_slot(self, model: str, token: str) -> None:
+        with self._lock:
+            self._slots.discard((model, token))
+
+    def start_run(self, queue: str, member: str) -> None:
+        """List a received message in the live index now; the beats keep it there while the
+        process holds it."""
+        self._ensure_thread()
+        self.store.run_started(queue, member)
+
+    def renew_once(self) -> int:
+        """Extend every claim still held by its token, score every member the process holds,
+        take off those it no longer holds; returns how many claims were extended."""
+        held = self.held() if self.held else set()
+        with self._lock:
+            claims = list(self._claims)
+            slots: dict[str, list[str]] = {}
+            for model, token in self._slots:
+                slots.setdefault(model, []).append(token)
+        released = list(self._listed - held)
+        if not claims and not held and not released and not slots:
+            return 0
+        by_queue: dict[str, list[str]] = {}
+        for queue, member in held:
+            by_queue.setdefault(queue, []).append(member)
+        extended = self.store.renew(claims, by_queue, released, self.lease_seconds, slots)
+        self._listed = held
+        return extended
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _ensure_thread(self) -> None:
+        """Renew every third of a lease in a daemon thread of this process until stopped."""
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+        interval = self.lease_seconds / 3
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.renew_once()
+                except Exception:  # the heartbeat outlives any one failure (logged)
+                    log.warning("could not renew leases; trying again", exc_info=True)
+
+        threading.Thread(target=loop, name="tasktree-leases", daemon=True).start()

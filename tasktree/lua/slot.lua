@@ -1,0 +1,30 @@
+-- Before a model call, for every worker at once: is there a slot for one more call of this
+-- model now? Slots expire with their lease (renewed while the call runs); a cap set after a
+-- 429 lowers the concurrency until it grows back or expires.
+-- KEYS: slots, calls in the last minute, adapted ; ARGV: token, lease_ms, concurrency (0: none), rpm (0: none)
+-- Returns {'OK'} or {'WAIT', why, milliseconds worth waiting}.
+local now = now_ms()
+local token, lease, conc, rpm = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], token) then return {'OK'} end  -- sent again
+local limit = conc
+local cap = tonumber(redis.call('HGET', KEYS[3], 'cap') or '')
+if cap then
+  cap = math.max(1, math.floor(cap))
+  if limit == 0 or cap < limit then limit = cap end
+end
+if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
+  return {'WAIT', 'concurrency', '1000'}
+end
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[2]) >= rpm then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {'WAIT', 'rpm', tostring(math.max(100, tonumber(oldest[2]) + 60000 - now))}
+  end
+  redis.call('ZADD', KEYS[2], now, token)
+  redis.call('PEXPIRE', KEYS[2], 61000)
+end
+redis.call('ZADD', KEYS[1], now + lease, token)
+redis.call('PEXPIRE', KEYS[1], lease * 4)
+return {'OK'}

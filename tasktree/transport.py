@@ -1,0 +1,121 @@
+"""kombu's Redis transport, safe to use after the broker connection was lost mid-task.
+
+kombu 5.7.0: when the broker goes away with messages in flight, the worker closes the channel
+and later reconnects on a new one. Two paths then reach the old channel's QoS, which builds a
+Redis client from `self.connection.client`: `Channel.close` restoring the unacknowledged
+messages (by then `Connection._close` or `collect` has set `client` to None), and a task that
+finishes after the reconnect acknowledging its message on the old channel (whose `connection`
+is None). Either raises AttributeError, which Celery does not treat as a connection error:
+the worker exits with "Unrecoverable error". In both cases the message is still in the
+unacked hash, so leaving it there loses nothing: `restore_visible` returns it to its queue
+after the visibility timeout, and a redelivered node whose outcome is stored answers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis
+
+log = logging.getLogger(__name__)
+
+
+class QoS(redis.QoS):
+    """kombu's QoS, which leaves a message unacknowledged (not the worker dead) when its
+    channel was closed under it."""
+
+    def _detached(self) -> bool:
+        connection = self.channel.connection
+        return connection is None or connection.client is None
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        if client is None and self._detached():
+            log.warning(
+                "broker connection closed with %d message(s) unacknowledged: they return "
+                "to their queue after the visibility timeout",
+                len(self._delivered),
+            )
+            self._delivered.clear()
+            return None
+        return super().restore_unacked(client)
+
+    def ack(self, delivery_tag: Any) -> None:
+        if self._detached():  # the task ran to its end; its node's outcome is stored
+            log.warning("ack after the broker connection closed: message left unacknowledged")
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self._detached():
+            log.warning("reject after the broker connection closed: message left unacknowledged")
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+
+#: What a message that is not a kombu envelope raises on its way in: bad JSON, bad base64
+#: (binascii.Error is a ValueError), a list or a string where an object belongs, a missing key.
+MALFORMED = (ValueError, TypeError, KeyError)
+
+
+def _dropped(queue: str, error: Exception) -> None:
+    log.error(
+        "dropped a malformed message from queue %s: %s: %s", queue, type(error).__name__, error
+    )
+
+
+class _Safe:
+    """kombu's channel, which drops a malformed message (one log line) instead of letting the
+    decoding error end the worker (every payload-level problem is Celery's and tasktree's to
+    reject; these are the ones below them), and which publishes through one Redis client
+    instead of building a new one for every message (redis-py clients are thread-safe)."""
+
+    QoS = QoS
+    _sync_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        if self._sync_client is None:
+            self._sync_client = self._create_client()  # type: ignore[attr-defined]
+        yield self._sync_client
+
+    def close(self) -> None:
+        self._sync_client = None
+        super().close()  # type: ignore[misc]
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)  # type: ignore[misc]
+        except MALFORMED as e:  # BRPOP already took it off the queue (and rotated it last)
+            queues = self._queue_cycle.items  # type: ignore[attr-defined]
+            _dropped(queues[-1] if queues else "?", e)
+            return True
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:  # kombu's redis one takes no timeout
+        try:
+            return super()._get(queue)  # type: ignore[misc]
+        except MALFORMED as e:
+            _dropped(queue, e)
+            raise Empty() from None
+
+
+class Channel(_Safe, redis.Channel):
+    pass
+
+
+class Transport(redis.Transport):
+    Channel = Channel
+
+
+class SentinelChannel(_Safe, redis.SentinelChannel):
+    pass
+
+
+class SentinelTransport(redis.SentinelTransport):
+    Channel = SentinelChannel

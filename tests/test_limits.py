@@ -1,0 +1,158 @@
+"""Model-call limits shared by every worker (parsing, the Redis side, two real worker
+processes against a provider that allows few calls at once) and the worker pool's size."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from tasktree import keys
+from tasktree.errors import ConfigError
+from tasktree.limits import Limit, parse
+from tasktree.models import TreeSpec
+from tasktree.settings import load
+from tasktree.store import Store
+from tests.helpers import RateLimitedProvider
+
+MODEL = "openai/fake"
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(fakeredis.FakeRedis(decode_responses=True), load(redis_url=None))
+
+
+def test_limits_are_read_per_model_first_match_wins() -> None:
+    s = load(llm_limits="openai/gpt-4o-mini=60rpm,8; openai/*=20", llm_concurrency=4)
+    assert s.limit_for("openai/gpt-4o-mini") == Limit(8, 60)
+    assert s.limit_for("openai/gpt-4o") == Limit(20, 0)
+    assert s.limit_for("anthropic/claude") == Limit(4, 0)
+    assert not load().limit_for(MODEL)
+    assert parse(" ; a=1 ;") == [("a", Limit(1, 0))]
+
+
+@pytest.mark.parametrize("bad", ["gpt", "=5", "m=", "m=0", "m=5x", "m=fast"])
+def test_a_bad_limit_is_a_one_line_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(llm_limits=bad)
+    assert "TASKTREE_LLM_LIMITS" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_concurrency_is_shared_and_a_freed_slot_is_taken_again(store: Store) -> None:
+    limit = Limit(concurrency=2)
+    assert store.take_slot(MODEL, "a", limit) is None
+    assert store.take_slot(MODEL, "b", limit) is None
+    full = store.take_slot(MODEL, "c", limit)
+    assert full is not None
+    assert full[0] == "concurrency"
+    store.free_slot(MODEL, "a", "200", limit)
+    assert store.take_slot(MODEL, "c", limit) is None
+
+
+def test_calls_per_minute_say_how_long_to_wait(store: Store) -> None:
+    limit = Limit(rpm=3)
+    for token in "abc":
+        assert store.take_slot(MODEL, token, limit) is None
+        store.free_slot(MODEL, token, "200", limit)
+    full = store.take_slot(MODEL, "d", limit)
+    assert full is not None
+    assert full[0] == "rpm"
+    assert 50 < full[1] <= 60
+
+
+def test_a_429_halves_what_was_in_flight_and_answers_grow_it_back(store: Store) -> None:
+    unlimited = Limit()
+    for token in "abcd":
+        assert store.take_slot(MODEL, token, unlimited) is None
+    store.free_slot(MODEL, "a", "429", unlimited)  # 4 were in flight: cut to 2
+    assert float(store.r.hget(keys.adapted(MODEL), "cap")) == 2
+    store.free_slot(MODEL, "b", "429", unlimited)  # within a second: no second cut
+    assert float(store.r.hget(keys.adapted(MODEL), "cap")) == 2
+    assert store.take_slot(MODEL, "e", unlimited) is not None  # c and d still in flight
+    store.free_slot(MODEL, "c", "200", unlimited)
+    assert float(store.r.hget(keys.adapted(MODEL), "cap")) == 2.5
+    assert store.r.pttl(keys.adapted(MODEL)) > 0  # the cut lasts a while, then goes
+    limited = Limit(concurrency=3)
+    store.free_slot(MODEL, "d", "200", limited)
+    assert float(store.r.hget(keys.adapted(MODEL), "cap")) == pytest.approx(2.9)
+    assert store.take_slot(MODEL, "f", limited) is None
+    store.free_slot(MODEL, "f", "200", limited)  # grown back to the configured 3: cut gone
+    assert store.r.hget(keys.adapted(MODEL), "cap") is None
+
+
+def test_two_workers_never_exceed_the_shared_limit(client, start_workers) -> None:
+    with RateLimitedProvider(capacity=3, latency=0.3) as provider:
+        env = {
+            "TASKTREE_MODEL": MODEL,
+            "TASKTREE_API_BASE": provider.url,
+            "TASKTREE_API_KEY": "sk-test",
+            "TASKTREE_LLM_CONCURRENCY": "3",
+        }
+        start_workers(2, extra_env=env)
+        tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
+        tree = client.wait(tid, timeout=100)
+    assert tree.status == "completed"
+    assert len(tree.nodes) == 17
+    assert provider.refused == 0
+    assert provider.most_in_flight == 3
+    notes = [e.get("note", "") for _, e in client.store.events(tid)]
+    assert any(n.startswith(f"waiting for rate limit ({MODEL}: concurrency") for n in notes)
+    assert all(not n.waiting for n in tree.nodes)
+
+
+def test_without_limits_a_provider_429_cuts_every_workers_calls(client, start_workers) -> None:
+    with RateLimitedProvider(capacity=3, latency=0.3) as provider:
+        env = {"TASKTREE_MODEL": MODEL, "TASKTREE_API_BASE": provider.url}
+        start_workers(2, extra_env={**env, "TASKTREE_API_KEY": "sk-test"})
+        tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
+        tree = client.wait(tid, timeout=100)
+        cap = client.store.r.hget(keys.adapted(MODEL), "cap")
+    assert tree.status == "completed"
+    assert all(n.status == "completed" for n in tree.nodes)
+    assert provider.refused > 0
+    assert cap is not None  # the 429s cut the model's concurrency for both workers
+
+
+def test_the_live_view_says_a_node_waits_for_its_models_limit() -> None:
+    from tasktree.models import Node
+    from tasktree.render import activity, node_label
+
+    why = f"waiting for rate limit ({MODEL}: concurrency, 3 at once)"
+    node = Node.from_hash({"id": "0.1", "status": "deciding", "waiting": why})
+    assert activity(node) == why
+    assert why in node_label(node).plain
+
+
+def test_a_pool_a_setting_cannot_start_is_refused_with_the_way_that_works() -> None:
+    for pool in ("gevent", "eventlet"):
+        with pytest.raises(ConfigError) as e:
+            load(pool=pool)
+        assert f"celery -A workers worker -P {pool}" in str(e.value)
+    assert load().concurrency == 256
+
+
+@pytest.mark.slow
+def test_five_hundred_threads_lose_no_ack(client, start_workers, r) -> None:
+    """A 421-node tree on one worker of 500 threads, every leaf in flight at once: every
+    message is acknowledged (none left in kombu's unacked set), none fails to ack."""
+    env = {
+        "TASKTREE_CONCURRENCY": "500",
+        "TASKTREE_OFFLINE_FANOUT": "20",
+        "TASKTREE_OFFLINE_LATENCY": "0.5",
+    }
+    (worker,) = start_workers(1, extra_env=env)
+    spec = TreeSpec.build(client.settings, "Wide.", max_depth=2, max_children=20, max_nodes=500)
+    tree = client.wait(client.submit(spec), timeout=100)
+    assert tree.status == "completed"
+    assert len(tree.nodes) == 421
+    deadline = time.monotonic() + 10
+    while r.hlen("unacked"):  # acks of the last tasks may still be on their way
+        assert time.monotonic() < deadline, r.hlen("unacked")
+        time.sleep(0.1)
+    log = worker.log.read_text()
+    assert "concurrency: 500 (thread)" in log
+    assert "Couldn't ack" not in log
+    assert "Too many connections" not in log
