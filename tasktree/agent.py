@@ -94,7 +94,10 @@ def clean_sub_tasks(
             counts[drop] += 1
             continue
         seen.add(key)
-        subs.append({"requested_persona": persona, "task_details": details})
+        sub = {"requested_persona": persona, "task_details": details}
+        if st.weight > 0:  # its share of an envelope (trees with envelopes)
+            sub["weight"] = st.weight
+        subs.append(sub)
         origin.append(index)
     notes = [_CLEANED[kind].format(n=n) for kind, n in counts.items() if n]
     if len(subs) > max_children:

@@ -100,6 +100,12 @@ def build_parser(prog: str = "tasktree") -> Parser:
         "(default: continue)",
     )
     s.add_argument("--single-call", action="store_true", help="one call decides and answers")
+    s.add_argument(
+        "--envelopes",
+        action=argparse.BooleanOptionalAction,
+        help="each delegation splits the node's remaining budgets among its children "
+        f"(default: {'on' if d['envelopes'] else 'off'}, TASKTREE_ENVELOPES)",
+    )
     s.add_argument("--no-wait", action="store_true", help="print the tree id and return")
     _wait_options(s)
 

@@ -224,6 +224,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings, out: Output) -> int
         max_tokens=args.max_tokens,
         on_child_failure=args.on_child_failure,
         single_call=args.single_call,
+        envelopes=args.envelopes,
     )
     if args.no_wait and not settings.redis_url:
         raise InputError("--no-wait needs TASKTREE_REDIS_URL and running workers")
@@ -365,10 +366,11 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: Output) -> int:
     check_node_id(args.node_id)
     with Client(settings, worker=False) as client:
         node = client.store.node(args.tree_id, args.node_id)
+        tree = client.tree(args.tree_id, with_nodes=False)
     if args.json:
         out.json(node.model_dump())
         return EXIT_OK
-    for field, text in render.node_fields(node):
+    for field, text in render.node_fields(node, tree):
         if "\n" in text or text.startswith("- "):
             out.console.print(f"[bold]{field}[/]:")
             out.console.print(text, markup=False, highlight=False)

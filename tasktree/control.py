@@ -180,8 +180,9 @@ class Control:
             raise InputError(
                 "give at least one of --add-nodes, --add-cost, --add-tokens, --add-depth"
             )
-        tree_keys = [keys.tree(tree_id), keys.events(tree_id)]
-        res = self.store.script("topup", tree_keys, [time.time(), json.dumps(add)])
+        tree_keys = [keys.tree(tree_id), keys.events(tree_id), keys.nodes(tree_id)]
+        args = [time.time(), json.dumps(add), keys.prefixes(tree_id)[0]]
+        res = self.store.script("topup", tree_keys, args)
         if res[0] == "MISSING":
             raise NotFoundError(f"no tree {tree_id}")
         if res[0] == "NONE":

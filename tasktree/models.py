@@ -70,6 +70,7 @@ class TreeSpec(BaseModel):
     max_tokens: int = Field(default=0, ge=0)  # 0: no token budget
     on_child_failure: ChildFailure = "continue"
     single_call: bool = False
+    envelopes: bool = False  # each delegation splits the node's budgets among its children
 
     @classmethod
     def build(cls, settings: Settings, task: object, **kw: Any) -> TreeSpec:
@@ -79,7 +80,7 @@ class TreeSpec(BaseModel):
             check_text("persona", kw["persona"], settings.max_persona_chars)
         else:
             kw.pop("persona", None)
-        for name in ("max_depth", "max_children", "max_nodes"):
+        for name in ("max_depth", "max_children", "max_nodes", "envelopes"):
             if kw.get(name) is None:
                 kw[name] = getattr(settings, name)
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -92,14 +93,17 @@ class TreeSpec(BaseModel):
 
 
 def _pydantic_from_proto(message_cls: Any) -> Any:
-    """A pydantic model of a proto message's string fields (required) and repeated integer
-    fields (optional lists): one schema, not two."""
+    """A pydantic model of a proto message's string fields (required), repeated integer
+    fields (optional lists) and float fields (optional, finite, not negative): one schema,
+    not two."""
     fields: dict[str, Any] = {}
     for f in message_cls.DESCRIPTOR.fields:
         if f.type == f.TYPE_STRING and not f.is_repeated:
             fields[f.name] = (str, ...)
         elif f.type == f.TYPE_UINT32 and f.is_repeated:
             fields[f.name] = (list[int], Field(default_factory=list))
+        elif f.type == f.TYPE_FLOAT and not f.is_repeated:
+            fields[f.name] = (float, Field(default=0.0, ge=0, allow_inf_nan=False))
     return create_model(message_cls.__name__, **fields)
 
 
@@ -158,6 +162,14 @@ class Node(BaseModel):
     waste_cost_usd: float = 0.0
     # What `retry` replaced: each attempt's status, result, error, calls, when and why.
     attempts: list[dict[str, Any]] = Field(default_factory=list)
+    # Its budget envelope (a tree with envelopes): the most its subtree may create (nodes
+    # below it) and spend (tokens, USD; 0: no such budget), and what it has so far.
+    env_nodes: int = 0
+    env_tokens: int = 0
+    env_cost: float = 0.0
+    sub_nodes: int = 0
+    sub_tokens: int = 0
+    sub_cost: float = 0.0
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Node:
@@ -218,6 +230,7 @@ class Tree(BaseModel):
     max_tokens: int = 0
     on_child_failure: str = "continue"
     single_call: bool = False
+    envelopes: bool = False
     queue: str = ""
     synth_queue: str = ""
     reserved: int = 0
@@ -237,6 +250,7 @@ class Tree(BaseModel):
     def from_hash(cls, h: dict[str, str], nodes: list[Node] | None = None) -> Tree:
         d: dict[str, Any] = dict(h)
         d["single_call"] = d.get("single_call") == "1"
+        d["envelopes"] = d.get("envelopes") == "1"
         d["cost_unknown"] = d.get("cost_unknown") == "1"
         d["nodes"] = nodes or []
         return cls.model_validate({k: v for k, v in d.items() if k in cls.model_fields})

@@ -63,6 +63,7 @@ class OfflineModel:
         self.fanout = settings.offline_fanout
         self.seed = settings.offline_seed
         self.fail = settings.offline_fail
+        self.greedy = settings.offline_greedy
 
     def fails(self, messages: list[dict[str, Any]]) -> bool:
         """Whether this call is one of the `offline_fail` share that fail: by a hash of the
@@ -89,13 +90,16 @@ class OfflineModel:
         return f"{NOTICE}\nAs {_short(system, 60)}: a response to {_short(task)}"
 
     def _decide(self, task: str, single: bool) -> str:
-        if self.fanout:
+        # With `greedy`, the first part of every delegation ("Part 1 of ...") fans out into
+        # `greedy` parts: one branch asks for far more than its siblings.
+        parts = self.greedy if self.greedy and task.startswith("Part 1 of ") else self.fanout
+        if parts:
             subs = [
                 {
-                    "requested_persona": f"You are specialist {i} of {self.fanout}.",
-                    "task_details": f"Part {i} of {self.fanout}: {_short(task, 120)}",
+                    "requested_persona": f"You are specialist {i} of {parts}.",
+                    "task_details": f"Part {i} of {parts}: {_short(task, 120)}",
                 }
-                for i in range(1, self.fanout + 1)
+                for i in range(1, parts + 1)
             ]
             return json.dumps(
                 {"decision": "delegate", "reason": "offline fan-out", "sub_tasks": subs}

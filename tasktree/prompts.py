@@ -10,7 +10,7 @@ SINGLE_TAG = "[tasktree:single]"
 SYNTH_TAG = "[tasktree:synthesize]"
 
 _DECIDE_RULES = """Answer with one JSON object and nothing else:
-{{"decision": "execute" | "delegate", "reason": "<one sentence>",{answer} "sub_tasks": [{{"requested_persona": "<system prompt for the specialist>", "task_details": "<self-contained instructions>", "depends_on": [<1-based numbers of the sub-tasks it needs first; usually empty>]}}]}}
+{{"decision": "execute" | "delegate", "reason": "<one sentence>",{answer} "sub_tasks": [{{"requested_persona": "<system prompt for the specialist>", "task_details": "<self-contained instructions>", "depends_on": [<1-based numbers of the sub-tasks it needs first; usually empty>], "weight": <optional: its relative share of the budget, e.g. 2 for twice an even share>}}]}}
 Choose "execute" when one specialist with the persona below can do the task well in one pass.
 Choose "delegate" when the task spans several domains or steps, or is too broad. Then give between 2 and {max_children} sub-tasks that are self-contained and together cover the whole task. They run in parallel and cannot see each other, except that a sub-task may name in "depends_on" the sub-tasks that must finish first: it then starts after them and receives their results. Use it only for a real order (design before code). Leave "sub_tasks" empty when you execute."""
 

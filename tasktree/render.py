@@ -80,7 +80,19 @@ def activity(node: Node, now: float | None = None) -> str:
     return ""
 
 
-def node_label(node: Node) -> Text:
+def envelope(node: Node, tree: Tree) -> str:
+    """A node's envelope as used / allowed (a tree with envelopes), or ""."""
+    if not tree.envelopes:
+        return ""
+    parts = [f"{node.sub_nodes}/{node.env_nodes} nodes"]
+    if tree.max_tokens:
+        parts.append(f"{node.sub_tokens}/{node.env_tokens} tokens")
+    if tree.max_cost:
+        parts.append(f"${node.sub_cost:.4f}/${node.env_cost:.4f}")
+    return "envelope " + ", ".join(parts)
+
+
+def node_label(node: Node, tree: Tree | None = None) -> Text:
     label = Text(f"{node.id} ", style="bold")
     label.append(short(node.persona, 40))
     label.append(" — ", style="dim")
@@ -102,6 +114,9 @@ def node_label(node: Node) -> Text:
         label.append(f"  attempt {len(node.attempts) + 1}", style="yellow")
     if node.after:
         label.append(f"  after {', '.join(node.after)}", style="dim")
+    budget = envelope(node, tree) if tree is not None else ""
+    if budget:
+        label.append(f"  {budget}", style="dim")
     if node.waste_calls:
         label.append(f"  waste {node.waste_calls} call(s)", style="yellow")
     if node.error:
@@ -144,20 +159,25 @@ def tree_view(tree: Tree) -> Group:
     root = tree.root
     if root is None:
         return Group(summary(tree))
-    view = RichTree(node_label(root))
+    view = RichTree(node_label(root, tree))
 
     def add(branch: RichTree, node: Node) -> None:
         for child in by_parent.get(node.id, []):
-            add(branch.add(node_label(child)), child)
+            add(branch.add(node_label(child, tree)), child)
 
     add(view, root)
     return Group(Text(LEGEND, style="dim"), view, summary(tree))
 
 
-def node_fields(node: Node) -> list[tuple[str, str]]:
-    """A node as (field, text) pairs for `show`: times readable, lists as lines."""
+def node_fields(node: Node, tree: Tree) -> list[tuple[str, str]]:
+    """A node as (field, text) pairs for `show`: times readable, lists as lines, the
+    envelope as one line (a tree with envelopes)."""
     rows: list[tuple[str, str]] = []
     for field, value in node.model_dump().items():
+        if field.startswith(("env_", "sub_")):
+            if field == "env_nodes" and tree.envelopes:
+                rows.append(("envelope", envelope(node, tree).removeprefix("envelope ")))
+            continue
         if field == "attempts":
             text = "\n".join(attempt_line(a) for a in value) if value else "-"
         elif field.endswith("_at"):

@@ -328,7 +328,7 @@ class NodeRun:
         if verdict == Verdict.CANCELLED:
             note = "tree cancelled before this node's model call"
             return self.finish(NodeStatus.CANCELLED, note=note, step=refused.step)
-        note = f"{detail} budget spent before this node's model call"
+        note = f"{detail} spent before this node's model call"
         return self.finish(NodeStatus.BUDGET_EXHAUSTED, note=note, step=refused.step)
 
     # -- the node ---------------------------------------------------------------------------

@@ -56,11 +56,16 @@ class Settings(BaseSettings):
     # This share of calls fails permanently, chosen by a hash of the prompt and the seed (so
     # the same call fails again, and a retry with 0 succeeds).
     offline_fail: float = Field(default=0.0, ge=0, le=1)
+    # A greedy branch: the first sub-task of every delegation fans out into this many parts
+    # (0: off), until the depth limit; the root and the others follow `offline_fanout`.
+    offline_greedy: int = Field(default=0, ge=0, le=100)
 
     # Default budgets, overridable per submit.
     max_depth: int = Field(default=3, ge=0, le=20)
     max_children: int = Field(default=6, ge=1, le=100)
     max_nodes: int = Field(default=60, ge=1, le=100_000)
+    # Each delegation splits the node's remaining budgets among its children (`--envelopes`).
+    envelopes: bool = False
 
     # Input limits (characters).
     max_task_chars: int = Field(default=20_000, ge=1)

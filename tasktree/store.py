@@ -101,12 +101,13 @@ class Store:
         tid = tree_id or new_tree_id()
         now = time.time()
         tree = {
-            **spec.model_dump(exclude={"model", "single_call"}),
+            **spec.model_dump(exclude={"model", "single_call", "envelopes"}),
             "id": tid,
             "status": TreeStatus.RUNNING,
             "model": spec.model or "",
             "created_at": now,
             "single_call": int(spec.single_call),
+            "envelopes": int(spec.envelopes),
             "queue": self.settings.node_queue,
             "synth_queue": self.settings.synth_queue,
             "reserved": 1,
@@ -123,6 +124,12 @@ class Store:
             "status": "queued",
             "created_at": now,
         }
+        if spec.envelopes:  # the root's envelope is the whole tree's budget
+            root["env_nodes"] = spec.max_nodes - 1
+            if spec.max_tokens:
+                root["env_tokens"] = spec.max_tokens
+            if spec.max_cost:
+                root["env_cost"] = spec.max_cost
 
         tree_keys = [keys.tree(tid), keys.node(tid, keys.ROOT), keys.nodes(tid), keys.events(tid)]
         self.script("create", tree_keys, [json.dumps(tree), json.dumps(root), now])

@@ -68,7 +68,7 @@ def close_without_model(run: NodeRun, verdict: str, detail: str) -> Outcome:
     _, context, failed = children_of(run)
     cancelled = verdict == Verdict.CANCELLED
     status = NodeStatus.CANCELLED if cancelled else NodeStatus.BUDGET_EXHAUSTED
-    why = "tree cancelled" if cancelled else f"{detail} budget spent"
+    why = "tree cancelled" if cancelled else f"{detail} spent"
     return run.finish(
         status,
         result=agent.assemble(run.node["instructions"], context, failed, why),

@@ -239,8 +239,10 @@ class Chaos:
         for queue in (client.settings.node_queue, client.settings.synth_queue):
             if r.llen(queue):
                 rep.violations.append(f"{r.llen(queue)} messages left in queue {queue}")
-        if r.zcard(keys.live(client.settings.node_queue)):
-            rep.violations.append("the live index did not empty")
+        live = keys.live(client.settings.node_queue)
+        if r.zcard(live):
+            left = r.zrange(live, 0, -1, withscores=True)
+            rep.violations.append(f"the live index did not empty: {left} at {r.time()}")
         for raw in r.hvals("unacked"):  # a killed worker's messages, back after the visibility
             named = unacked_node(raw)  # timeout: each must name a node already closed
             if named is None or not client.store.node(*named).terminal:
@@ -251,7 +253,8 @@ class Chaos:
     def check_tree(self, client: Client, tree: Tree) -> None:
         v = self.report.violations
         if tree.status != "completed":
-            v.append(f"tree {tree.id} ended {tree.status}")
+            failed = "; ".join(f"{n.id}: {n.error}" for n in tree.nodes if n.error)
+            v.append(f"tree {tree.id} ended {tree.status} ({failed})")
         events = client.store.events(tree.id)
         for n in tree.nodes:
             if not n.terminal:

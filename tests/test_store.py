@@ -124,11 +124,11 @@ def test_gate_stops_calls_when_cost_or_token_budget_is_spent(store: Store) -> No
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
     store.record_call(tid, "0", "decide", "m", 100, 50, 0.007, True, 0.1, token="a")
     g = store.gate(tid, "0", "decide", "a", "deciding", "w")
-    assert (g.verdict, g.detail) == ("EXHAUSTED", "cost")
+    assert (g.verdict, g.detail) == ("EXHAUSTED", "cost budget")
     tid2 = store.create_tree(spec(max_tokens=100))
     store.record_call(tid2, "0", "decide", "m", 80, 20, 0.0, False, 0.1)
     g = store.gate(tid2, "0", "decide", "a", "deciding", "w")
-    assert (g.verdict, g.detail) == ("EXHAUSTED", "tokens")
+    assert (g.verdict, g.detail) == ("EXHAUSTED", "token budget")
     tree = store.tree(tid2)
     assert tree.cost_unknown
     assert tree.tokens == 100
@@ -485,7 +485,7 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
     assert (gate.verdict, gate.detail, reserved()) == ("OK", "700", 1000)
     # Nothing is left for a second call racing the first.
     assert store.gate(tid, "0.2", "execute", "b", "executing", "w", (4096, 300, 0.0, 0.0)) == (
-        Gate("EXHAUSTED", "tokens")
+        Gate("EXHAUSTED", "token budget")
     )
     # The call used 300 + 50: the reservation is replaced by the actual usage.
     store.record_call(tid, "0.1", "execute", "m", 300, 50, 0.0, True, 0.1, token="a", call_id="1")

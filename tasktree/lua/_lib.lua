@@ -36,6 +36,72 @@ local function retain(tree_key, nodes_key, events_key, calls_key, node_prefix, r
   end
 end
 
+
+-- Budget envelopes (a tree with `envelopes` = 1). Each node of such a tree has an envelope:
+-- `env_nodes`, the nodes its subtree may create below it; `env_tokens` and `env_cost`, what
+-- its subtree (the node included) may spend, present only when the tree has that budget.
+-- Against them count `sub_nodes` (nodes created below it), `sub_tokens` and `sub_cost` (its
+-- subtree's recorded usage) and `held_tokens` and `held_cost` (its subtree's reservations).
+-- A call must fit the envelope of its node and of every ancestor, so what a closed subtree
+-- left unused is back in its parent's envelope at once.
+
+-- The keys of a node and of its ancestors, nearest first: a node key is a prefix and the
+-- node's path ("...:node:0.2.1"), and an ancestor's path is a prefix of the node's.
+local function chain(node_key)
+  local prefix, id = string.match(node_key, '^(.*:)([^:]+)$')
+  local out = {}
+  while id do
+    table.insert(out, prefix .. id)
+    id = string.match(id, '^(.*)%.[^.]+$')
+  end
+  return out
+end
+
+local function envelopes_on(tree_key)
+  return redis.call('HGET', tree_key, 'envelopes') == '1'
+end
+
+-- Add to two counters of a node and of each of its ancestors.
+local function chain_add(node_key, tokens_field, cost_field, tokens, cost)
+  for _, k in ipairs(chain(node_key)) do
+    if tokens ~= 0 then redis.call('HINCRBY', k, tokens_field, tokens) end
+    if cost ~= 0 then redis.call('HINCRBYFLOAT', k, cost_field, cost) end
+  end
+end
+
+-- What the tightest envelope on a node's chain leaves: nodes, tokens, USD (nil: no limit).
+local function envelope_room(node_key)
+  local rn, rt, rc = nil, nil, nil
+  for _, k in ipairs(chain(node_key)) do
+    local e = redis.call('HMGET', k, 'env_nodes', 'sub_nodes', 'env_tokens', 'sub_tokens',
+      'held_tokens', 'env_cost', 'sub_cost', 'held_cost')
+    if e[1] then rn = math.min(rn or math.huge, num(e[1]) - num(e[2])) end
+    if e[3] then rt = math.min(rt or math.huge, num(e[3]) - num(e[4]) - num(e[5])) end
+    if e[6] then rc = math.min(rc or math.huge, num(e[6]) - num(e[7]) - num(e[8])) end
+  end
+  return rn, rt, rc
+end
+
+-- Raise the envelopes of the root and of every node in `ids` (and their ancestors), each key
+-- once: a top-up or a retry with larger budgets reaches the subtrees that stopped on theirs.
+-- add: {max_nodes, max_tokens, max_cost} amounts (absent: unchanged).
+local function widen(node_prefix, ids, add)
+  local seen = {}
+  local targets = {node_prefix .. '0'}
+  for _, id in ipairs(ids) do
+    for _, k in ipairs(chain(node_prefix .. id)) do table.insert(targets, k) end
+  end
+  for _, k in ipairs(targets) do
+    if not seen[k] then
+      seen[k] = true
+      local e = redis.call('HMGET', k, 'env_tokens', 'env_cost')
+      if add.max_nodes then redis.call('HINCRBY', k, 'env_nodes', add.max_nodes) end
+      if add.max_tokens and e[1] then redis.call('HINCRBY', k, 'env_tokens', add.max_tokens) end
+      if add.max_cost and e[2] then redis.call('HINCRBYFLOAT', k, 'env_cost', add.max_cost) end
+    end
+  end
+end
+
 -- A step's budget reservation, in the node's `resv_<step>` field as "token|tokens|cost": made
 -- by the gate before a call, given back when the call is recorded, fails or its node closes.
 -- With a token, only that run's reservation is given back.
@@ -47,4 +113,5 @@ local function unreserve(tree_key, node_key, step, token)
   redis.call('HINCRBY', tree_key, 'reserved_tokens', -num(t))
   redis.call('HINCRBYFLOAT', tree_key, 'reserved_cost', -num(c))
   redis.call('HDEL', node_key, 'resv_' .. step)
+  if envelopes_on(tree_key) then chain_add(node_key, 'held_tokens', 'held_cost', -num(t), -num(c)) end
 end

@@ -24,11 +24,17 @@ local notes = d.notes or {}
 local decision = d.decision
 local k = #KEYS - 5
 local allowed = 0
+local envelopes = envelopes_on(KEYS[1])
 if decision == 'delegate' then
   local t = redis.call('HMGET', KEYS[1], 'max_nodes', 'reserved')
   allowed = math.min(k, num(t[1]) - num(t[2]))
+  local what = 'node budget'
+  if envelopes then
+    local room = envelope_room(KEYS[2])
+    if room and room < allowed then allowed, what = room, 'node envelope' end
+  end
   if allowed < k then
-    table.insert(notes, 'clamped: node budget allowed ' .. math.max(allowed, 0) .. ' of ' .. k .. ' sub-tasks')
+    table.insert(notes, 'clamped: ' .. what .. ' allowed ' .. math.max(allowed, 0) .. ' of ' .. k .. ' sub-tasks')
   end
   if allowed < 2 then
     allowed = 0
@@ -54,6 +60,37 @@ for i = 1, allowed do
   ids[i] = cid
 end
 if allowed > 0 then redis.call('HINCRBY', KEYS[1], 'reserved', allowed) end
+if envelopes and allowed > 0 then
+  -- Split what the node's envelope has left among its children, by their weights (even by
+  -- default). Nodes: all of what is left below the new children. Tokens and USD: the node
+  -- keeps one average share for its own synthesis.
+  for _, key in ipairs(chain(KEYS[2])) do redis.call('HINCRBY', key, 'sub_nodes', allowed) end
+  local nodes_left, tokens_left, cost_left = envelope_room(KEYS[2])
+  local weights, total = {}, 0
+  for i = 1, allowed do
+    local w = tonumber(d.sub_tasks[i].weight) or 0
+    if w <= 0 then w = 1 end
+    weights[i], total = w, total + w
+  end
+  local given = 0
+  for i = 1, allowed do
+    local part = weights[i] / total
+    local n = math.floor(math.max(nodes_left, 0) * part)
+    given = given + n
+    redis.call('HSET', KEYS[5 + i], 'env_nodes', n)
+    if tokens_left then
+      local share = math.floor(math.max(tokens_left, 0) * allowed / (allowed + 1) * part)
+      redis.call('HSET', KEYS[5 + i], 'env_tokens', share)
+    end
+    if cost_left then
+      local share = math.max(cost_left, 0) * allowed / (allowed + 1) * part
+      redis.call('HSET', KEYS[5 + i], 'env_cost', string.format('%.10g', share))
+    end
+  end
+  for i = 1, math.max(nodes_left, 0) - given do  -- what rounding left, to the first children
+    redis.call('HINCRBY', KEYS[5 + ((i - 1) % allowed) + 1], 'env_nodes', 1)
+  end
+end
 local children = table.concat(ids, ',')
 local new_status = (allowed > 0) and 'delegated' or redis.call('HGET', KEYS[2], 'status')
 redis.call('HSET', KEYS[2], 'decision', decision, 'reason', d.reason or '',

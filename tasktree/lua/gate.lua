@@ -17,27 +17,37 @@ if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', K
 unreserve(KEYS[1], KEYS[2], step, nil)  -- left by a run that lost this step's claim
 local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
   'completion_tokens', 'reserved_tokens', 'reserved_cost')
-if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost'} end
-if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'tokens'} end
+if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost budget'} end
+if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'token budget'} end
+-- With envelopes, the tightest envelope on the node's chain may leave less than the tree.
+local envelopes = envelopes_on(KEYS[1])
+local _, env_tokens, env_cost = nil, nil, nil
+if envelopes then _, env_tokens, env_cost = envelope_room(KEYS[2]) end
+if env_cost and env_cost <= 0 then return {'EXHAUSTED', 'cost envelope'} end
+if env_tokens and env_tokens <= 0 then return {'EXHAUSTED', 'token envelope'} end
 local cap, prompt = num(ARGV[8]), num(ARGV[9])
 local per_in, per_out = num(ARGV[10]), num(ARGV[11])
 local MIN_COMPLETION = 16
 if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
   if num(t[3]) > 0 then
-    local left = num(t[3]) - num(t[4]) - num(t[5]) - num(t[6]) - prompt
-    if left < MIN_COMPLETION then return {'EXHAUSTED', 'tokens'} end
+    local left, what = num(t[3]) - num(t[4]) - num(t[5]) - num(t[6]), 'token budget'
+    if env_tokens and env_tokens < left then left, what = env_tokens, 'token envelope' end
+    left = left - prompt
+    if left < MIN_COMPLETION then return {'EXHAUSTED', what} end
     cap = math.min(cap, left)
   end
   if num(t[1]) > 0 and per_out > 0 then
-    local left = num(t[1]) - num(t[2]) - num(t[7]) - prompt * per_in
-    local fits = math.floor(left / per_out)
-    if fits < MIN_COMPLETION then return {'EXHAUSTED', 'cost'} end
+    local left, what = num(t[1]) - num(t[2]) - num(t[7]), 'cost budget'
+    if env_cost and env_cost < left then left, what = env_cost, 'cost envelope' end
+    local fits = math.floor((left - prompt * per_in) / per_out)
+    if fits < MIN_COMPLETION then return {'EXHAUSTED', what} end
     cap = math.min(cap, fits)
   end
   local tokens, cost = prompt + cap, prompt * per_in + cap * per_out
   redis.call('HINCRBY', KEYS[1], 'reserved_tokens', tokens)
   redis.call('HINCRBYFLOAT', KEYS[1], 'reserved_cost', cost)
   redis.call('HSET', KEYS[2], 'resv_' .. step, ARGV[3] .. '|' .. tokens .. '|' .. string.format('%.12g', cost))
+  if envelopes then chain_add(KEYS[2], 'held_tokens', 'held_cost', tokens, cost) end
 else
   cap = 0
 end

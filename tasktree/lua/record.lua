@@ -30,6 +30,7 @@ for i = 1, 2 do
   redis.call('HINCRBYFLOAT', KEYS[i], 'cost_usd', ARGV[5])
   if ARGV[6] == '1' then redis.call('HSET', KEYS[i], 'cost_unknown', '1') end
 end
+if envelopes_on(KEYS[1]) then chain_add(KEYS[2], 'sub_tokens', 'sub_cost', tokens, num(ARGV[5])) end
 redis.call('HSET', KEYS[2], 'model', ARGV[2])
 local kept = cjson.decode(redis.call('HGET', KEYS[2], 'kept_' .. ARGV[1]) or '[]')
 table.insert(kept, ARGV[9])

@@ -41,7 +41,16 @@ for i = 5, #KEYS, 6 do
   redis.call('PERSIST', KEYS[i])
   redis.call('PERSIST', KEYS[i + 1])
 end
-for field, value in pairs(cjson.decode(ARGV[6])) do redis.call('HSET', KEYS[1], field, tostring(value)) end
+local updates = cjson.decode(ARGV[6])
+if envelopes_on(KEYS[1]) and #KEYS > 4 then  -- larger budgets widen the reopened envelopes
+  local grow = {}
+  for _, field in ipairs({'max_nodes', 'max_tokens', 'max_cost'}) do
+    if updates[field] then grow[field] = updates[field] - num(redis.call('HGET', KEYS[1], field)) end
+  end
+  local ids = cjson.decode(ARGV[5])
+  widen(string.match(KEYS[5], '^(.*:)[^:]+$'), type(ids) == 'table' and ids or {}, grow)
+end
+for field, value in pairs(updates) do redis.call('HSET', KEYS[1], field, tostring(value)) end
 for k = 1, 4 do redis.call('PERSIST', KEYS[k]) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'queue', ARGV[2], 'synth_queue', ARGV[3])
 redis.call('HDEL', KEYS[1], 'finished_at')

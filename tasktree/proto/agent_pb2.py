@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\"U\n\x0eSubTaskRequest\x12\x19\n\x11requested_persona\x18\x01 \x01(\t\x12\x14\n\x0ctask_details\x18\x02 \x01(\t\x12\x12\n\ndepends_on\x18\x03 \x03(\r\"\xeb\x01\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0epersona_prompt\x18\x02 \x01(\t\x12\x19\n\x11task_instructions\x18\x03 \x01(\t\x12\x33\n\x0c\x63ontext_data\x18\x04 \x03(\x0b\x32\x1d.TaskRequest.ContextDataEntry\x12\x0f\n\x07tree_id\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rfinal_content\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\"\n\tsub_tasks\x18\x05 \x03(\x0b\x32\x0f.SubTaskRequest\x12\x0e\n\x06status\x18\x06 \x01(\t2:\n\x0cGenericAgent\x12*\n\x0b\x45xecuteTask\x12\x0c.TaskRequest\x1a\x0b.TaskResult\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\"e\n\x0eSubTaskRequest\x12\x19\n\x11requested_persona\x18\x01 \x01(\t\x12\x14\n\x0ctask_details\x18\x02 \x01(\t\x12\x12\n\ndepends_on\x18\x03 \x03(\r\x12\x0e\n\x06weight\x18\x04 \x01(\x02\"\xeb\x01\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0epersona_prompt\x18\x02 \x01(\t\x12\x19\n\x11task_instructions\x18\x03 \x01(\t\x12\x33\n\x0c\x63ontext_data\x18\x04 \x03(\x0b\x32\x1d.TaskRequest.ContextDataEntry\x12\x0f\n\x07tree_id\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rfinal_content\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\"\n\tsub_tasks\x18\x05 \x03(\x0b\x32\x0f.SubTaskRequest\x12\x0e\n\x06status\x18\x06 \x01(\t2:\n\x0cGenericAgent\x12*\n\x0b\x45xecuteTask\x12\x0c.TaskRequest\x1a\x0b.TaskResult\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST_CONTEXTDATAENTRY']._loaded_options = None
   _globals['_TASKREQUEST_CONTEXTDATAENTRY']._serialized_options = b'8\001'
   _globals['_SUBTASKREQUEST']._serialized_start=15
-  _globals['_SUBTASKREQUEST']._serialized_end=100
-  _globals['_TASKREQUEST']._serialized_start=103
-  _globals['_TASKREQUEST']._serialized_end=338
-  _globals['_TASKREQUEST_CONTEXTDATAENTRY']._serialized_start=288
-  _globals['_TASKREQUEST_CONTEXTDATAENTRY']._serialized_end=338
-  _globals['_TASKRESULT']._serialized_start=341
-  _globals['_TASKRESULT']._serialized_end=485
-  _globals['_GENERICAGENT']._serialized_start=487
-  _globals['_GENERICAGENT']._serialized_end=545
+  _globals['_SUBTASKREQUEST']._serialized_end=116
+  _globals['_TASKREQUEST']._serialized_start=119
+  _globals['_TASKREQUEST']._serialized_end=354
+  _globals['_TASKREQUEST_CONTEXTDATAENTRY']._serialized_start=304
+  _globals['_TASKREQUEST_CONTEXTDATAENTRY']._serialized_end=354
+  _globals['_TASKRESULT']._serialized_start=357
+  _globals['_TASKRESULT']._serialized_end=501
+  _globals['_GENERICAGENT']._serialized_start=503
+  _globals['_GENERICAGENT']._serialized_end=561
 # @@protoc_insertion_point(module_scope)

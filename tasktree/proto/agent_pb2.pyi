@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubTaskRequest(_message.Message):
-    __slots__ = ("requested_persona", "task_details", "depends_on")
+    __slots__ = ("requested_persona", "task_details", "depends_on", "weight")
     REQUESTED_PERSONA_FIELD_NUMBER: _ClassVar[int]
     TASK_DETAILS_FIELD_NUMBER: _ClassVar[int]
     DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     requested_persona: str
     task_details: str
     depends_on: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, requested_persona: _Optional[str] = ..., task_details: _Optional[str] = ..., depends_on: _Optional[_Iterable[int]] = ...) -> None: ...
+    weight: float
+    def __init__(self, requested_persona: _Optional[str] = ..., task_details: _Optional[str] = ..., depends_on: _Optional[_Iterable[int]] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("task_id", "persona_prompt", "task_instructions", "context_data", "tree_id", "node_id", "depth")
