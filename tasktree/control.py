@@ -104,20 +104,10 @@ class Control:
         """Make an interrupted tree run again on this store's queues; returns its open nodes.
 
         Raises InputError when the tree is not interrupted."""
-
-        def per_node(nid: str) -> list[str]:
-            node_keys = [keys.node(tree_id, nid), keys.runs(tree_id, nid)]
-            return [*node_keys, *(keys.claim(tree_id, nid, s) for s in Step)]
-
-        res = self._with_nodes(
-            "resume",
-            tree_id,
-            per_node,
-            [time.time(), self.store.settings.node_queue, self.store.settings.synth_queue],
-        )
+        queues = (self.store.settings.node_queue, self.store.settings.synth_queue)
+        res = self._reopen(tree_id, [], queues, "resumed", {}, resume=True)
         if res[0] == "NOOP":
             raise InputError(f"tree {tree_id} is {res[1]}, not interrupted: nothing to resume")
-        self.store.call(lambda: self.store.r.zadd(keys.RUNNING, {tree_id: time.time()}))
         return int(res[1])
 
     def settle(self, tree_id: str, note: str = "cancelled: nobody was left to finish it") -> str:
@@ -150,6 +140,26 @@ class Control:
             raise InputError(f"tree {tree_id} is {tree.status}, not ended: nothing to retry yet")
         ordered = to_reopen(tree, node_ids, descendants)
 
+        why = f"retry of {', '.join(node_ids)}" if node_ids else "retry of the unfinished nodes"
+        if not descendants:
+            why = "continued after the budget was raised"
+        res = self._reopen(tree_id, ordered, queues, why, updates or {}, resume=False)
+        if res[0] == "NOOP":
+            raise InputError(f"tree {tree_id} is {res[1]}, not ended")
+        return ordered
+
+    def _reopen(
+        self,
+        tree_id: str,
+        ordered: list[str],
+        queues: tuple[str, str],
+        why: str,
+        updates: dict[str, Any],
+        resume: bool,
+    ) -> list[Any]:
+        """One reopen.lua for both: `retry` (the `ordered` nodes of an ended tree) and
+        `resume` (every open node of an interrupted one). The tree runs again on `queues`."""
+
         def per_node(nid: str) -> list[str]:
             return [
                 keys.node(tree_id, nid),
@@ -158,20 +168,17 @@ class Control:
                 keys.synthesis_sent(tree_id, nid),
             ]
 
-        why = f"retry of {', '.join(node_ids)}" if node_ids else "retry of the unfinished nodes"
-        if not descendants:
-            why = "continued after the budget was raised"
+        args = [time.time(), *queues, why, json.dumps(ordered), json.dumps(updates)]
         res = self._with_nodes(
             "reopen",
             tree_id,
             per_node,
-            [time.time(), *queues, why, json.dumps(ordered), json.dumps(updates or {})],
+            [*args, "1" if resume else "0"],
             more=(keys.calls(tree_id),),
         )
-        if res[0] == "NOOP":
-            raise InputError(f"tree {tree_id} is {res[1]}, not ended")
-        self.store.call(lambda: self.store.r.zadd(keys.RUNNING, {tree_id: time.time()}))
-        return ordered
+        if res[0] != "NOOP":
+            self.store.call(lambda: self.store.r.zadd(keys.RUNNING, {tree_id: time.time()}))
+        return list(res)
 
     def raise_budget(self, tree_id: str, add: dict[str, float]) -> str:
         """Raise a tree's budgets by `add` (max_nodes, max_cost, max_tokens, max_depth) in one

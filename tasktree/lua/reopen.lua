@@ -1,16 +1,24 @@
--- Retry an ended tree in place: the nodes to re-run and the ancestors to re-synthesize open
--- again, everything else keeps what it stored. Each reopened node keeps a history of what it
+-- Open a tree again in place, for `retry` and for `resume`.
+-- Retry (an ended tree): the nodes to re-run and the ancestors to re-synthesize open again,
+-- everything else keeps what it stored. Each reopened node keeps a history of what it
 -- replaced (`attempts`); a node with a stored delegation keeps it and waits for its children
--- (`delegated`), any other keeps its decision, if any, and is queued. The tree runs again
--- on the given queues, its keys lose the retention TTL they got when it ended, and its
--- budgets and model may change.
+-- (`delegated`), any other keeps its decision, if any, and is queued. The tree's keys lose
+-- the retention TTL they got when it ended, and its budgets and model may change.
+-- Resume (an interrupted tree): every open node loses the claims and run counts of the runs
+-- that were abandoned, and keeps everything stored.
+-- Either way the tree runs again on the given queues.
 -- KEYS: tree, events, nodes, calls, then per node: node, runs, claim decide, claim execute,
 --       claim synthesize, synthesis sent
 -- ARGV: now, node queue, synthesis queue, why, JSON list of node ids to reopen,
---       JSON object of tree fields to set (budgets, model)
+--       JSON object of tree fields to set (budgets, model), '1' to resume
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'MISSING'} end
-if not TREE_IDLE[status] or status == 'interrupted' then return {'NOOP', status} end
+local resume = ARGV[7] == '1'
+if resume then
+  if status ~= 'interrupted' then return {'NOOP', status} end
+elseif not TREE_IDLE[status] or status == 'interrupted' then
+  return {'NOOP', status}
+end
 if redis.call('LLEN', KEYS[3]) * 6 ~= #KEYS - 4 then return {'RETRY'} end
 local now, why = ARGV[1], ARGV[4]
 local reopen = {}
@@ -18,7 +26,15 @@ for _, id in ipairs(cjson.decode(ARGV[5])) do reopen[id] = true end
 local count = 0
 for i = 5, #KEYS, 6 do
   local id = redis.call('HGET', KEYS[i], 'id')
-  if id and reopen[id] then
+  if resume then
+    local cur = redis.call('HGET', KEYS[i], 'status')
+    if cur and not TERMINAL[cur] then
+      redis.call('HSET', KEYS[i], 'open_runs', 0)
+      redis.call('HDEL', KEYS[i], 'retry_at')
+      redis.call('DEL', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5])
+      count = count + 1
+    end
+  elseif id and reopen[id] then
     local n = redis.call('HMGET', KEYS[i], 'result', 'error', 'calls', 'finished_at', 'decision', 'status')
     local attempts = cjson.decode(redis.call('HGET', KEYS[i], 'attempts') or '[]')
     if type(attempts) ~= 'table' or attempts[1] == nil then attempts = {} end
@@ -53,6 +69,7 @@ end
 for field, value in pairs(updates) do redis.call('HSET', KEYS[1], field, tostring(value)) end
 for k = 1, 4 do redis.call('PERSIST', KEYS[k]) end
 redis.call('HSET', KEYS[1], 'status', 'running', 'queue', ARGV[2], 'synth_queue', ARGV[3])
-redis.call('HDEL', KEYS[1], 'finished_at')
-emit(KEYS[1], KEYS[2], 'tree', 'running', 'note', why .. ': ' .. count .. ' node(s) reopened', 'ts', now)
+redis.call('HDEL', KEYS[1], 'finished_at', 'interrupted_at')
+local note = resume and ('resumed: ' .. count .. ' open node(s)') or (why .. ': ' .. count .. ' node(s) reopened')
+emit(KEYS[1], KEYS[2], 'tree', 'running', 'note', note, 'ts', now)
 return {'OK', tostring(count)}
