@@ -107,6 +107,11 @@ def build_parser(prog: str = "tasktree") -> Parser:
         f"(default: {'on' if d['envelopes'] else 'off'}, TASKTREE_ENVELOPES)",
     )
     s.add_argument("--no-wait", action="store_true", help="print the tree id and return")
+    s.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the live web view of this tree while it runs, and print its address",
+    )
     _wait_options(s)
 
     r = sub.add_parser(
@@ -209,6 +214,17 @@ def build_parser(prog: str = "tasktree") -> Parser:
         "interrupted trees are pruned only when named, by their submission time)",
     )
     pr.add_argument("--json", action="store_true", help="print JSON")
+
+    sv = sub.add_parser("serve", help="the live web view of the trees (Ctrl-C stops it)")
+    sv.add_argument(
+        "--host", help=f"address to listen on (default: {d['web_host']}, TASKTREE_WEB_HOST)"
+    )
+    sv.add_argument(
+        "--port",
+        type=bounded_int(0, 65535),
+        metavar="N",
+        help=f"port (default: {d['web_port']}, TASKTREE_WEB_PORT; 0: any free port)",
+    )
 
     ex = sub.add_parser("export", help="a document of a tree: markdown or json")
     ex.add_argument("tree_id")

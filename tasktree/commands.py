@@ -228,12 +228,34 @@ def cmd_submit(args: argparse.Namespace, settings: Settings, out: Output) -> int
     )
     if args.no_wait and not settings.redis_url:
         raise InputError("--no-wait needs TASKTREE_REDIS_URL and running workers")
+    if args.web and args.no_wait:
+        raise InputError("--web serves the view while the tree runs: leave out --no-wait")
     with Client(settings, worker=not args.no_wait) as client:
         tree_id = client.submit(spec)
         if args.no_wait:
             out.json({"tree_id": tree_id}) if args.json else print(tree_id)
             return EXIT_OK
+        if args.web:
+            from tasktree.web import Server
+
+            server = Server.listen(client, settings.web_host, settings.web_port, fallback=True)
+            server.start()
+            out.say(f"live view: {server.url}/trees/{tree_id}")
         return run_and_wait(client, tree_id, args, out)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings, out: Output) -> int:
+    from tasktree.web import Server
+
+    host = args.host or settings.web_host
+    port = settings.web_port if args.port is None else args.port
+    # On the embedded default its worker runs what a retry or a raised budget reopens.
+    with Client(settings, worker=True) as client:
+        server = Server.listen(client, host, port)
+        read_only = "" if server.actions else " (read-only: set TASKTREE_WEB_TOKEN for actions)"
+        out.say(f"web view on {server.url}{read_only}; Ctrl-C stops it")
+        server.run()
+    return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace, settings: Settings, out: Output) -> int:
@@ -465,4 +487,5 @@ COMMANDS = {
     "show": cmd_show,
     "list": cmd_list,
     "export": cmd_export,
+    "serve": cmd_serve,
 }

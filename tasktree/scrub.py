@@ -39,8 +39,9 @@ def secrets_of(settings: Settings, environ: dict[str, str] | None = None) -> lis
     environment."""
     env = os.environ if environ is None else environ
     found = [v for k, v in env.items() if SECRET_ENV_RE.fullmatch(k)]
-    if settings.api_key:
-        found.append(settings.api_key.get_secret_value())
+    for secret in (settings.api_key, settings.web_token):
+        if secret:
+            found.append(secret.get_secret_value())
     if settings.redis_url:
         password = urlsplit(settings.redis_url).password
         if password:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     # Each delegation splits the node's remaining budgets among its children (`--envelopes`).
     envelopes: bool = False
 
+    # The web view (`serve`, `submit --web`). Beyond the loopback interface its actions
+    # (cancel, retry, raise a budget) need this token; without one the view is read-only.
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8700, ge=0, le=65535)  # 0: any free port
+    web_token: SecretStr | None = None
+
     # Input limits (characters).
     max_task_chars: int = Field(default=20_000, ge=1)
     max_persona_chars: int = Field(default=4_000, ge=1)
