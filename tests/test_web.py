@@ -61,7 +61,8 @@ def test_events_replay_a_finished_tree_and_resume_after_last_event_id(
 def test_tree_json_has_budgets_left_and_result_previews(client: Client, finished: str) -> None:
     web = TestClient(create_app(client, "127.0.0.1"))
     doc = web.get(f"/api/trees/{finished}").json()
-    assert doc["status"] == "completed" and doc["terminal"] is True
+    assert doc["status"] == "completed"
+    assert doc["terminal"] is True
     assert doc["left"]["nodes"] == doc["max_nodes"] - len(doc["nodes"])
     assert doc["left"]["tokens"] is None  # no token budget
     assert all(len(n["result"]) <= 300 for n in doc["nodes"])
@@ -70,26 +71,29 @@ def test_tree_json_has_budgets_left_and_result_previews(client: Client, finished
     assert web.get("/api/trees/0123456789abcdef").status_code == 404
     page = web.get("/").text
     assert f'href="/trees/{finished}"' in page
-    assert "<b>a launch</b>" not in page and "&lt;b&gt;a launch&lt;/b&gt;" in page
+    assert "<b>a launch</b>" not in page
+    assert "&lt;b&gt;a launch&lt;/b&gt;" in page
 
 
-def test_actions_need_the_header_and_beyond_loopback_a_token(
-    client: Client, finished: str
-) -> None:
+def test_actions_need_the_header_and_beyond_loopback_a_token(client: Client, finished: str) -> None:
     url = f"/api/trees/{finished}/cancel"
     local = TestClient(create_app(client, "127.0.0.1"))
     assert local.post(url).status_code == 403  # no X-Tasktree: another site's form
     assert local.post(url, headers={"X-Tasktree": "1"}).json() == {"status": "completed"}
     open_no_token = TestClient(create_app(client, "0.0.0.0"))
     refused = open_no_token.post(url, headers={"X-Tasktree": "1"})
-    assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+    assert refused.status_code == 403
+    assert "read-only" in refused.json()["error"]
     guarded = TestClient(create_app(client, "0.0.0.0", token="s3cret"))
     assert guarded.post(url, headers={"X-Tasktree": "1"}).status_code == 401
     bearer = {"X-Tasktree": "1", "Authorization": "Bearer s3cret"}
     assert guarded.post(url, headers=bearer).status_code == 200
     bad = guarded.post(f"/api/trees/{finished}/budget", headers=bearer, json={"add_nodes": -1})
-    assert bad.status_code == 400 and "positive" in bad.json()["error"]
-    assert loopback("::1") and loopback("localhost") and not loopback("10.0.0.1")
+    assert bad.status_code == 400
+    assert "positive" in bad.json()["error"]
+    assert loopback("::1")
+    assert loopback("localhost")
+    assert not loopback("10.0.0.1")
 
 
 # -- in a real browser ----------------------------------------------------------------------
@@ -105,7 +109,12 @@ def chromium() -> Any:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install them)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
 
@@ -122,9 +131,10 @@ def serve(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (m := re.search(r"web view on (http://\S+?);", (tmp_path / "serve.log").read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        deadline, said = time.monotonic() + 30, tmp_path / "serve.log"
+        while not (m := re.search(r"web view on (http://\S+?);", said.read_text())):
+            assert proc.poll() is None, said.read_text()
+            assert time.monotonic() < deadline, said.read_text()
             time.sleep(0.1)
         yield m.group(1)
     finally:
@@ -173,8 +183,9 @@ def test_a_browser_watches_a_tree_grow_clicks_a_result_and_cancels_a_subtree(
         wait.until(lambda _: browser.find_element(By.ID, "status").text not in ("", "running"))
         tree = json.loads(cli(env, "tree", tid, "--json").stdout)
         wait.until(
-            lambda _: len(browser.find_elements(By.CSS_SELECTOR, "li[data-node]"))
-            == len(tree["nodes"])
+            lambda _: (
+                len(browser.find_elements(By.CSS_SELECTOR, "li[data-node]")) == len(tree["nodes"])
+            )
         )
         assert browser.find_element(By.ID, "status").text == tree["status"]
         assert {n["id"]: n["status"] for n in tree["nodes"]}["0.2"] == "cancelled"
@@ -196,7 +207,8 @@ def test_a_browser_watches_a_tree_grow_clicks_a_result_and_cancels_a_subtree(
         browser.execute_script(
             "const s = document.getElementById('replay'); s.value = s.max; s.dispatchEvent(new Event('input'));"
         )
-        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        assert browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
         print(f"screenshot: {shot}")
     finally:
         browser.quit()
