@@ -267,6 +267,9 @@ class InProcessWorker:
         while worker_state.active_requests and time.monotonic() < deadline:
             time.sleep(0.02)  # a running node's call finishes and is stored
         done = not self.thread.is_alive() and not worker_state.active_requests
+        runtime = self.controller.app.tasktree
+        if "tracing" in vars(runtime):  # the CLI leaves with os._exit: no atexit flush
+            runtime.tracing.flush()
         if done:
             worker_state.should_terminate = None  # a later worker in this process may run
         else:

@@ -21,6 +21,7 @@ from tasktree.proto import TaskRequest
 from tasktree.settings import OFFLINE_MODEL, Settings
 from tasktree.states import NODE_TERMINAL, NodeStatus, Step, TreeStatus, Verdict
 from tasktree.store import Gate, Store
+from tasktree.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class NodeRun:
         worker: str,
         complete: Complete,
         leases: Leases | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -105,6 +107,7 @@ class NodeRun:
         self.node: dict[str, str] = {}
         self._complete = complete
         self.leases = leases
+        self.tracing = tracing
 
     # -- the model call, gated and recorded ------------------------------------------------
 
@@ -129,7 +132,8 @@ class NodeRun:
             self.leases.hold(self.tree_id, self.node_id, step, self.token)
         outcome = "0"  # for the model's shared limit: "200" answered, "429" rate limited
         try:
-            reply = self._ask(step, model, messages, json_mode, cap)
+            with self.tracing.call(step, model) as span:
+                reply = span["reply"] = self._ask(step, model, messages, json_mode, cap)
             outcome = "200"
         except TransientLLMError as e:
             outcome = "429" if e.rate_limited else "0"
@@ -239,9 +243,18 @@ class NodeRun:
         self.ended = closed == "OK"  # closing the node ended this run too
         if closed == "FENCED":
             raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
+        if self.ended and self.tracing is not OFF:
+            self._trace_node()
         why = kw.get("error") or kw.get("note") or ""
         log.info("tree %s node %s %s%s", self.tree_id, self.node_id, status, f": {why}" * bool(why))
         return Done(status, error=self.store.scrub(str(kw.get("error", ""))))
+
+    def _trace_node(self) -> None:
+        """The closed node's span; a tracing failure never fails the node."""
+        try:
+            self.tracing.node(self.tree_id, self.store.node(self.tree_id, self.node_id))
+        except Exception:
+            log.exception("tree %s node %s: its span was not sent", self.tree_id, self.node_id)
 
     # -- entry points ---------------------------------------------------------------------
 
@@ -262,8 +275,10 @@ class NodeRun:
         if not self.tree or not self.node.get("status"):
             log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)
             return Done("missing", error="no such node")
+        kind = "synthesize" if step == Step.SYNTHESIZE else "node"
         try:
-            return self._checked(body, step, open_runs)
+            with self.tracing.run(self.tree_id, self.node_id, kind):
+                return self._checked(body, step, open_runs)
         finally:
             if not self.ended:
                 self.store.end_run(self.tree_id, self.node_id, self.token)

@@ -17,6 +17,8 @@ from tasktree.leases import Leases
 from tasktree.llm import Complete, Models
 from tasktree.settings import Settings, load
 from tasktree.store import Store
+from tasktree.tracing import Tracing
+from tasktree.tracing import setup as setup_tracing
 
 
 @dataclass
@@ -34,6 +36,11 @@ class Runtime:
         return Store.from_settings(self.settings, url)
 
     held: Callable[[], set[tuple[str, str]]] | None = None  # the live members its worker holds
+
+    @cached_property
+    def tracing(self) -> Tracing:
+        """Traces as the OTel environment asks, set up in the process that runs the tasks."""
+        return setup_tracing("tasktree-worker")
 
     @cached_property
     def leases(self) -> Leases:
@@ -57,6 +64,9 @@ class TaskTreeStep(bootsteps.StartStopStep):
         runtime.sweepers.append(sweeper.start(worker.app))
 
     def stop(self, worker: Any) -> None:
+        runtime: Runtime = worker.app.tasktree
+        if "tracing" in vars(runtime):  # send what is still batched
+            runtime.tracing.flush()
         for stop in worker.app.tasktree.sweepers:
             stop.set()
         worker.app.tasktree.leases.stop()

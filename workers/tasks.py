@@ -58,7 +58,9 @@ def result_of(tree_id: str, node_id: str, done: Done) -> dict[str, Any]:
 def node_run(task: Task, tree_id: str, node_id: str) -> NodeRun:
     rt = task.app.tasktree
     worker = task.request.hostname or ""
-    return NodeRun(rt.store, rt.settings, tree_id, node_id, worker, rt.complete, rt.leases)
+    return NodeRun(
+        rt.store, rt.settings, tree_id, node_id, worker, rt.complete, rt.leases, rt.tracing
+    )
 
 
 def follow(task: Task, req: TaskRequest, outcome: Outcome) -> dict[str, Any]:
