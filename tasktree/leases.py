@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from tasktree.errors import StoreError
 from tasktree.store import Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Leases:
         self._claims: set[Claim] = set()
         self._slots: set[tuple[str, str]] = set()  # (model, token) of calls in flight
         self._listed: set[Member] = set()  # what the last beat scored
+        self._unended: set[tuple[str, str, str]] = set()  # runs whose end Redis missed
         self._lock = threading.Lock()
         self._pid = 0
         self._stop = threading.Event()
@@ -62,6 +64,23 @@ class Leases:
         with self._lock:
             self._slots.discard((model, token))
 
+    def end_later(self, tree_id: str, node_id: str, token: str) -> None:
+        """A run ended while Redis was away: the next beats end it in the store."""
+        self._ensure_thread()
+        with self._lock:
+            self._unended.add((tree_id, node_id, token))
+
+    def _end_runs(self) -> None:
+        with self._lock:
+            pending = list(self._unended)
+        for run in pending:
+            try:
+                self.store.end_run(*run)
+            except StoreError:  # Redis still away: the next beat tries again
+                return
+            with self._lock:
+                self._unended.discard(run)
+
     def start_run(self, queue: str, member: str) -> None:
         """List a received message in the live index now; the beats keep it there while the
         process holds it."""
@@ -78,6 +97,8 @@ class Leases:
             for model, token in self._slots:
                 slots.setdefault(model, []).append(token)
         released = list(self._listed - held)
+        if self._unended:
+            self._end_runs()
         if not claims and not held and not released and not slots:
             return 0
         by_queue: dict[str, list[str]] = {}

@@ -281,7 +281,17 @@ class NodeRun:
                 return self._checked(body, step, open_runs)
         finally:
             if not self.ended:
-                self.store.end_run(self.tree_id, self.node_id, self.token)
+                self._end_run()
+
+    def _end_run(self) -> None:
+        """This run is over. Redis away: the heartbeat ends it when Redis is back, so an
+        outage is never counted as a crash of this node."""
+        try:
+            self.store.end_run(self.tree_id, self.node_id, self.token)
+        except StoreError:
+            if self.leases is None:
+                raise
+            self.leases.end_later(self.tree_id, self.node_id, self.token)
 
     def _needless(self, open_runs: int) -> Done | None:
         """This message need not run: the tree is interrupted, the node closed, or poisoned."""

@@ -67,3 +67,36 @@ def test_a_run_killed_after_recording_a_call_is_replayed_not_paid_again(
     assert node.decision  # the replayed reply was used
     assert node.calls == len(first.paid) + len(second.paid)  # every paid call counted once
     assert not [f for f in store.r.hkeys(keys.node(tid, "0")) if f.startswith("kept_")]
+
+
+def test_a_run_whose_end_redis_missed_is_ended_by_the_next_beat_not_counted_a_crash(
+    store: Store,
+) -> None:
+    from tasktree.errors import StoreError
+    from tasktree.leases import Leases
+
+    tid = store.create_tree(TreeSpec(task="t", max_depth=0, max_children=2, max_nodes=5))
+    real_end = store.end_run
+    away = [True]
+
+    def end_run(tree_id: str, node_id: str, token: str) -> None:
+        if away[0]:
+            raise StoreError("Redis is away")
+        real_end(tree_id, node_id, token)
+
+    store.end_run = end_run  # type: ignore[method-assign]
+    leases = Leases(store, 15.0)
+    leases.stop()  # no thread: the test beats by hand
+    model = Model()
+    node = store.node(tid, "0")
+    runner = NodeRun(store, store.settings, tid, "0", "w", model, leases)
+    # A needless run (the node is closed) that ends while Redis is away.
+    store.finish(tid, "0", "completed", result="done")
+    runner.run_node(node.request(tid))
+    assert store.r.scard(keys.runs(tid, "0")) == 1  # still open in the store
+    leases.renew_once()  # Redis still away: kept for the next beat
+    assert store.r.scard(keys.runs(tid, "0")) == 1
+    away[0] = False
+    leases.renew_once()
+    assert store.r.scard(keys.runs(tid, "0")) == 0
+    assert model.paid == []
