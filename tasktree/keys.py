@@ -46,6 +46,13 @@ def parse_live_member(member: str) -> tuple[str, str, str, str] | None:
     return tree_id, node_id, kind, token
 
 
+def node_of_live_member(member: str) -> str:
+    """The node hash a live index member's run is for (a key that never exists for a member
+    that is not one)."""
+    parsed = parse_live_member(member)
+    return node(*parsed[:2]) if parsed else f"{NAMESPACE}:no-such-node"
+
+
 def slots(model: str) -> str:
     """Sorted set: the calls of a model in flight across every worker (claim token, scored by
     its lease's end in Redis ms; renewed by the heartbeat, so a dead worker's expire)."""

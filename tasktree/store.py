@@ -411,7 +411,8 @@ class Store:
             for model, tokens in (slots or {}).items():
                 self._scripts["reslot"](keys=[keys.slots(model)], args=[ms, *tokens], client=pipe)
             for queue, members in held.items():
-                self._scripts["live"](keys=[keys.live(queue)], args=members, client=pipe)
+                live = [keys.live(queue), *map(keys.node_of_live_member, members)]
+                self._scripts["live"](keys=live, args=members, client=pipe)
             for queue, member in released:
                 pipe.zrem(keys.live(queue), member)
             replies: list[Any] = pipe.execute()
@@ -446,7 +447,7 @@ class Store:
 
     def run_started(self, queue: str, member: str) -> None:
         """List a received message in its queue's live index, scored now (Redis's clock)."""
-        self.script("live", [keys.live(queue)], [member])
+        self.script("live", [keys.live(queue), keys.node_of_live_member(member)], [member])
 
     def synthesis_due(self, tree_id: str, node_id: str) -> str | None:
         """Once `node_id` closed outside its parent's chord: for the one caller that should

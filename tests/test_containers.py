@@ -12,6 +12,8 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,8 @@ from tasktree.embedded import free_port
 from tasktree.settings import load
 from tests.helpers import ROOT
 
-pytestmark = pytest.mark.containers
+# The first test also waits for the image build and the stack to come up.
+pytestmark = [pytest.mark.containers, pytest.mark.timeout(600)]
 
 IMAGE = "tasktree-agent:latest"
 #: The calls of a fan-out-3, depth-3 offline tree: 13 decisions, 27 leaves, 13 syntheses.
@@ -61,6 +64,7 @@ class Stack:
     secrets: dict[str, str]
     build_seconds: float
     up_at: float
+    web_url: str = ""
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> str:
         return sh(
@@ -115,7 +119,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "TASKTREE_API_KEY": f"sk-container-test-{secrets.token_hex(16)}",
     }
     env_lines = [f"{k}={v}" for k, v in values.items()]
+    web_port = free_port()
     env_lines += ["TASKTREE_OFFLINE_FANOUT=3", "TASKTREE_OFFLINE_LATENCY=0.3"]
+    env_lines += [f"TASKTREE_WEB_PORT={web_port}"]
     (work / ".env").write_text("\n".join(env_lines) + "\n")
     # This machine's differences from an ordinary Docker host: no NAT (builds use the host
     # network), and the host's own Redis on 6379 (the stack's is published elsewhere).
@@ -135,6 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         0.0,
         0.0,
     )
+    s.web_url = f"http://127.0.0.1:{web_port}"
     started = time.monotonic()
     s.compose("build", "worker", timeout=900)
     s.build_seconds = time.monotonic() - started
@@ -158,8 +165,8 @@ def wait_healthy(stack: Stack, services: list[str], within: float) -> dict[str, 
 
 
 def test_every_service_is_healthy_within_90_seconds(stack: Stack) -> None:
-    states = wait_healthy(stack, ["redis", "worker", "flower"], HEALTHY_WITHIN)
-    assert len(states) == 5  # redis, three workers, flower
+    states = wait_healthy(stack, ["redis", "worker", "flower", "web"], HEALTHY_WITHIN)
+    assert len(states) == 6  # redis, three workers, flower, the web view
     assert set(states.values()) == {"healthy"}, states
     print(
         f"image built in {stack.build_seconds:.0f} s; healthy {time.monotonic() - stack.up_at:.0f} s after up"
@@ -206,6 +213,18 @@ def test_trees_from_the_host_run_on_several_containers_and_commands_run_in_one(
     # The image plays every role: here, the CLI inside the compose network.
     listed = stack.compose("run", "--rm", "-T", "worker", "list", "--json", timeout=120)
     assert tree.id in {t["tree_id"] for t in json.loads(listed)}
+    # The web view lists it and shows it; beyond loopback, with no token, it is read-only.
+    wait_healthy(stack, ["web"], HEALTHY_WITHIN)
+    with urllib.request.urlopen(f"{stack.web_url}/", timeout=10) as page:
+        assert f"/trees/{tree.id}" in page.read().decode()
+    with urllib.request.urlopen(f"{stack.web_url}/api/trees/{tree.id}", timeout=10) as doc:
+        assert json.loads(doc.read())["status"] == "completed"
+    cancel = urllib.request.Request(
+        f"{stack.web_url}/api/trees/{tree.id}/cancel", method="POST", headers={"X-Tasktree": "1"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(cancel, timeout=10)
+    assert refused.value.code == 403
 
 
 def test_a_killed_worker_container_loses_nothing_and_pays_nothing_twice(stack: Stack) -> None:

@@ -500,3 +500,17 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
     assert reserved() == 400  # the dead run's reservation was given back, the new one made
     store.finish(tid, "0.3", "failed", error="boom")
     assert reserved() == 0  # a node that closes gives back what it still held
+
+
+def test_the_heartbeat_lists_held_runs_of_open_nodes_only(store: Store) -> None:
+    tid = store.create_tree(spec())
+    live = keys.live("q")
+    member = keys.live_member(tid, "0", "node", "tag-1")
+    gone = keys.live_member("0123456789abcdef", "0", "node", "tag-2")
+    store.run_started("q", member)
+    store.renew([], {"q": [member, gone]}, [], 15.0)
+    assert store.r.zrange(live, 0, -1) == [member]  # a deleted tree's run is not listed
+    store.finish(tid, "0", "completed", result="done")
+    # A worker that still says it holds the message (a stale request) keeps nothing listed.
+    store.renew([], {"q": [member]}, [], 15.0)
+    assert store.r.zcard(live) == 0

@@ -1,6 +1,18 @@
 -- Heartbeat of the messages a worker process holds: score each member by Redis's clock (ms),
 -- now (listing it if the sweeper took it while the process was frozen: it still holds it).
--- KEYS: live index ; ARGV: member ...
+-- A member whose node has closed (or is gone) is taken off instead: its run has nothing left
+-- to do, and no beat keeps it listed (Celery can keep a stale request after a lost broker
+-- connection).
+-- KEYS: live index, then the node of each member ; ARGV: member ...
 local now = now_ms()
-for i = 1, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
-return #ARGV
+local listed = 0
+for i = 1, #ARGV do
+  local status = redis.call('HGET', KEYS[i + 1], 'status')
+  if status and not TERMINAL[status] then
+    redis.call('ZADD', KEYS[1], now, ARGV[i])
+    listed = listed + 1
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return listed
