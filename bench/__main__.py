@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, float]]]:
             lines += single_call(b)
             lines += interactive(b)
             lines += scale(b)
+            lines += defaults_and_processes(b, lat_fixed[0])
         lines += provider_limits(b, quick)
     finally:
         b.stop_all()
@@ -69,6 +70,12 @@ def start_workers(
         b.tasktree_worker(f"tt{s.depth}x{s.fanout}rand", s.fanout, f"{lat_rand[0]}-{lat_rand[1]}")
     if not quick:
         b.tasktree_worker("ttparts", None, f"{lat_fixed[0]}")
+        # Section 7: shipped defaults at 1.0 s per call, and two processes on one queue.
+        b.tasktree_worker("tt1s", 5, "1.0")
+        b.tasktree_worker("tt1s2", 5, "1.0")
+        b.add_process("tt1s2b", "tt1s2")
+        b.tasktree_worker("tt02s2", 5, f"{lat_fixed[0]}")
+        b.add_process("tt02s2b", "tt02s2")
     b.peer_worker("peers", b.concurrency, "peers")
     b.peer_worker("naive16", 16, "naive16")
     t0 = time.perf_counter()
@@ -169,6 +176,32 @@ def parallel(
             )
             print(lines[-1], flush=True)
 
+    return lines
+
+
+def defaults_and_processes(b: Bench, short: float) -> list[str]:
+    """7. The case a user meets (1.0 s calls, shipped defaults), and a second worker process
+    on the same queue beside the first (this machine has two cores)."""
+    lines = [
+        "",
+        "## 7. Shipped defaults: 1.0 s per call, one and two worker processes",
+        "",
+        "Depth 3, fan-out 5 (156 nodes), wall time / critical path, every setting at its "
+        "default (threads, concurrency 256 per process).",
+        "",
+        "| latency per call | one worker process | two worker processes |",
+        "| --- | --- | --- |",
+    ]
+    shape = Spec(3, 5)
+    for latency, one, two in ((1.0, "tt1s", "tt1s2"), (short, "tt3x5fixed", "tt02s2")):
+        s = Spec(shape.depth, shape.fanout, latency, latency, seed=7)
+        rows = {k: Row(k) for k in (one, two)}
+        for _ in range(b.runs):
+            for name in (one, two):
+                wall, cp, _ = b.tasktree(name, s)
+                rows[name].values.append(wall / cp)
+        lines.append(f"| {latency} s | {rows[one].fmt(1, 3)} | {rows[two].fmt(1, 3)} |")
+        print(lines[-1], flush=True)
     return lines
 
 

@@ -94,46 +94,21 @@ class Bench:
         if fanout:
             env["TASKTREE_OFFLINE_FANOUT"] = str(fanout)
         env.update(extra or {})
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.instrumented",
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            "-P",
-            "threads",
-            "-c",
-            str(self.concurrency),
-        ]
+        cmd = celery_worker("bench.instrumented", name, self.concurrency)
         self.workers[name] = Worker(name, cmd, env, self.work / f"{name}.log")
         self.clients[name] = Client(
             load(**{k.removeprefix("TASKTREE_").lower(): v for k, v in env.items()})
         )
 
+    def add_process(self, name: str, like: str) -> None:
+        """One more worker process on the queues of worker `like` (same settings)."""
+        w = self.workers[like]
+        cmd = list(w.cmd)
+        cmd[cmd.index("-n") + 1] = f"{name}@%h"
+        self.workers[name] = Worker(name, cmd, w.env, self.work / f"{name}.log")
+
     def peer_worker(self, name: str, concurrency: int, queue: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "bench.peers",
-            "worker",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            "-P",
-            "threads",
-            "-c",
-            str(concurrency),
-            "-Q",
-            queue,
-        ]
+        cmd = [*celery_worker("bench.peers", name, concurrency), "-Q", queue]
         self.workers[name] = Worker(
             name, cmd, {"BENCH_REDIS_URL": self.url}, self.work / f"{name}.log"
         )
@@ -185,6 +160,14 @@ class Bench:
         except Exception:  # noqa: BLE001 - a timed-out or deadlocked naive tree: no figure
             return None
         return time.perf_counter() - start
+
+
+def celery_worker(app: str, name: str, concurrency: int) -> list[str]:
+    """The command of one threaded `celery worker` process of `app`."""
+    return [
+        *(sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{name}@%h"),
+        *("--loglevel", "INFO", "-P", "threads", "-c", str(concurrency)),
+    ]
 
 
 def med(values: list[float]) -> float:
