@@ -43,7 +43,7 @@ def dockerfile() -> dict[str, list[str]]:
 
 def test_compose_services_images_and_volumes(compose) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "flower"}
+    assert set(services) == {"redis", "worker", "flower", "web"}
     redis = services["redis"]
     assert redis["image"] == "${REDIS_IMAGE:-redis:7}"  # a mirror's, or the official image
     cmd = " ".join(redis["command"])
@@ -61,6 +61,12 @@ def test_compose_services_images_and_volumes(compose) -> None:
     assert worker["build"]["args"]["PYTHON_IMAGE"] == "${PYTHON_IMAGE:-python:3.11-slim}"
     assert all(p.startswith("127.0.0.1:") for p in services["flower"]["ports"])  # localhost only
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    web = services["web"]
+    assert web["image"] == worker["image"]
+    assert web["command"][0] == "serve"  # the image's tasktree role
+    assert all(p.startswith("127.0.0.1:") for p in web["ports"])  # localhost only
+    assert "TASKTREE_WEB_TOKEN" in web["environment"]  # actions beyond loopback need it
+    assert "healthcheck" in web
 
 
 def test_every_setting_named_is_one_the_code_reads(compose) -> None:
@@ -97,7 +103,7 @@ def test_dockerfile_installs_from_pyproject_as_non_root() -> None:
     copied = " ".join(d["COPY"])
     assert "pyproject.toml" in copied
     assert "requirements" not in DOCKERFILE.read_text()
-    assert any('pip install ".[image]"' in line for line in d["RUN"])
+    assert any('pip install ".[image,otel]"' in line for line in d["RUN"])  # traces work
     assert "--from=build /opt/tasktree /opt/tasktree" in copied  # only the virtualenv
     assert d["USER"] == ["agent"]
     assert "useradd" in " ".join(d["RUN"])
