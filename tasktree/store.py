@@ -505,27 +505,29 @@ class Store:
     def exists(self, tree_id: str) -> bool:
         return bool(self.call(lambda: self.r.exists(keys.tree(tree_id))))
 
-    def list_trees(self, limit: int = 20) -> list[tuple[Tree, str]]:
-        """The newest trees first: each summary with its result (one round trip for the ids,
-        one for the rest)."""
+    def list_trees(self, limit: int = 20, results: bool = True) -> list[tuple[Tree, str]]:
+        """The newest trees first: each summary with its result ("" without `results`; one
+        round trip for the ids, one for the rest)."""
         ids = self.call(lambda: self.r.zrevrange(keys.TREES, 0, limit - 1))
 
         def read() -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
             for tid in ids:
                 pipe.hgetall(keys.tree(tid))
-                pipe.hget(keys.node(tid, keys.ROOT), "result")
+                if results:
+                    pipe.hget(keys.node(tid, keys.ROOT), "result")
             replies: list[Any] = pipe.execute()
             return replies
 
         replies = self.call(read) if ids else []
-        gone = [tid for tid, h in zip(ids, replies[::2], strict=True) if not h]
+        step = 2 if results else 1
+        hashes = replies[::step]
+        texts = replies[1::2] if results else [""] * len(hashes)
+        gone = [tid for tid, h in zip(ids, hashes, strict=True) if not h]
         if gone:  # expired or deleted: the index follows the trees it lists
             self.call(lambda: self.r.zrem(keys.TREES, *gone))
         return [
-            (Tree.from_hash(h), result or "")
-            for h, result in zip(replies[::2], replies[1::2], strict=True)
-            if h
+            (Tree.from_hash(h), result or "") for h, result in zip(hashes, texts, strict=True) if h
         ]
 
     def follow(

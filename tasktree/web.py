@@ -97,7 +97,7 @@ class View:
         self.actions, self.token = actions, token
 
     async def index(self, request: Request) -> Response:
-        trees = await run(lambda: self.store.list_trees(50))
+        trees = await run(lambda: self.store.list_trees(50, results=False))
         now = time.time()
         rows = "".join(
             f'<tr><td><a href="/trees/{t.id}">{t.id}</a></td>'

@@ -81,7 +81,8 @@ def test_delete_frees_a_tree_and_refuses_a_running_one_without_force(
     assert code == 2
     assert err.strip() == f"tasktree: error: no tree {done.id}"
 
-    busy = client.submit(TreeSpec.build(client.settings, "Busy.", max_depth=1))
+    # Deep enough to still run (about 3.5 s) when the CLI, started after 1 s, reads it.
+    busy = client.submit(TreeSpec.build(client.settings, "Busy.", max_depth=3))
     time.sleep(1.0)
     code, _, err = run(env, "delete", busy)
     assert code == 2

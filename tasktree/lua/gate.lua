@@ -16,11 +16,11 @@ local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
 unreserve(KEYS[1], KEYS[2], step, nil)  -- left by a run that lost this step's claim
 local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
-  'completion_tokens', 'reserved_tokens', 'reserved_cost')
+  'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes')
 if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost budget'} end
 if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'token budget'} end
 -- With envelopes, the tightest envelope on the node's chain may leave less than the tree.
-local envelopes = envelopes_on(KEYS[1])
+local envelopes = t[8] == '1'  -- the tree's `envelopes`, read with its budgets
 local _, env_tokens, env_cost = nil, nil, nil
 if envelopes then _, env_tokens, env_cost = envelope_room(KEYS[2]) end
 if env_cost and env_cost <= 0 then return {'EXHAUSTED', 'cost envelope'} end
