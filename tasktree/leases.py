@@ -41,6 +41,7 @@ class Leases:
         self._claims: set[Claim] = set()
         self._slots: set[tuple[str, str]] = set()  # (model, token) of calls in flight
         self._listed: set[Member] = set()  # what the last beat scored
+        self._started: set[Member] = set()  # listed on receipt since the last beat
         self._unended: set[tuple[str, str, str]] = set()  # runs whose end Redis missed
         self._lock = threading.Lock()
         self._pid = 0
@@ -86,17 +87,21 @@ class Leases:
         process holds it."""
         self._ensure_thread()
         self.store.run_started(queue, member)
+        with self._lock:
+            self._started.add((queue, member))
 
     def renew_once(self) -> int:
         """Extend every claim still held by its token, score every member the process holds,
-        take off those it no longer holds; returns how many claims were extended."""
+        take off those it no longer holds (a message received and done between two beats
+        too); returns how many claims were extended."""
         held = self.held() if self.held else set()
         with self._lock:
+            started = set(self._started)
             claims = list(self._claims)
             slots: dict[str, list[str]] = {}
             for model, token in self._slots:
                 slots.setdefault(model, []).append(token)
-        released = list(self._listed - held)
+        released = list((self._listed | started) - held)
         if self._unended:
             self._end_runs()
         if not claims and not held and not released and not slots:
@@ -106,6 +111,8 @@ class Leases:
             by_queue.setdefault(queue, []).append(member)
         extended = self.store.renew(claims, by_queue, released, self.lease_seconds, slots)
         self._listed = held
+        with self._lock:
+            self._started -= started
         return extended
 
     def stop(self) -> None:

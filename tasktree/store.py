@@ -413,8 +413,11 @@ class Store:
             for queue, members in held.items():
                 live = [keys.live(queue), *map(keys.node_of_live_member, members)]
                 self._scripts["live"](keys=live, args=members, client=pipe)
+            gone: dict[str, list[str]] = {}
             for queue, member in released:
-                pipe.zrem(keys.live(queue), member)
+                gone.setdefault(queue, []).append(member)
+            for queue, members in gone.items():
+                pipe.zrem(keys.live(queue), *members)
             replies: list[Any] = pipe.execute()
             return replies
 

@@ -447,6 +447,25 @@ def test_the_heartbeat_lists_what_the_process_holds_and_drops_what_it_let_go(
     assert store.r.zrange(keys.live(q), 0, -1) == [b]
 
 
+def test_a_message_received_and_done_between_two_beats_is_taken_off_at_the_next(
+    store: Store,
+) -> None:
+    from tasktree.leases import Leases
+
+    tid = store.create_tree(spec())
+    q = store.settings.node_queue
+    quick, slow = (keys.live_member(tid, "0", "node", t) for t in ("tag-q", "tag-s"))
+    held: set[tuple[str, str]] = set()
+    leases = Leases(store, 15, held=lambda: set(held))
+    leases.start_run(q, quick)  # listed on receipt, done before any beat saw it
+    leases.start_run(q, slow)
+    held.add((q, slow))
+    leases.renew_once()
+    # Left listed, it would be a lease old at the sweeper's next look: a run to re-check.
+    assert store.r.zrange(keys.live(q), 0, -1) == [slow]
+    leases.stop()
+
+
 def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it() -> None:
     store = Store(fakeredis.FakeRedis(decode_responses=True), load(redis_url=None, tree_ttl=600))
     r = store.r

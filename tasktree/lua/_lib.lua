@@ -1,9 +1,31 @@
 -- Shared prelude, prepended to every script by store.py after the status sets that
 -- tasktree/states.py generates (TERMINAL: node statuses; TREE_IDLE: tree statuses).
 
+-- An event on the tree's stream, capped at the tree's `events_maxlen` (read once per script).
+local MAXLEN = {}
 local function emit(tree_key, events_key, ...)
-  local maxlen = redis.call('HGET', tree_key, 'events_maxlen') or '10000'
-  redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', ...)
+  MAXLEN[tree_key] = MAXLEN[tree_key] or redis.call('HGET', tree_key, 'events_maxlen') or '10000'
+  redis.call('XADD', events_key, 'MAXLEN', '~', MAXLEN[tree_key], '*', ...)
+end
+
+-- Some fields of a hash in one HMGET, by name (a field absent is nil).
+local function fields(key, ...)
+  local names, out = {...}, {}
+  local values = redis.call('HMGET', key, ...)
+  for i, name in ipairs(names) do out[name] = values[i] or nil end
+  return out
+end
+
+-- A field's value in an HGETALL reply (nil when absent).
+local function field_of(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+end
+
+-- One command on a key with many arguments, in chunks that stay under Lua's unpack limit.
+local function call_chunked(command, key, args)
+  for i = 1, #args, 4000 do
+    redis.call(command, key, unpack(args, i, math.min(i + 3999, #args)))
+  end
 end
 
 local function num(v)
@@ -17,7 +39,10 @@ local function now_ms()
 end
 
 -- A key made for a tree that has ended expires with it (the tree key's TTL, if it has one).
-local function inherit_ttl(tree_key, key)
+-- Only an ended tree has a TTL: a caller that read the tree's status passes it, and a tree
+-- still at work costs no PTTL.
+local function inherit_ttl(tree_key, key, tree_status)
+  if tree_status and not TREE_IDLE[tree_status] then return end
   local ttl = redis.call('PTTL', tree_key)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end

@@ -5,14 +5,14 @@
 --       token (the decide claim's holder, or '' when no model call is behind it)
 -- Returns {decision, children csv}: the stored one if a decision already exists.
 local node_id, now, worker = ARGV[1], ARGV[2], ARGV[3]
-local existing = redis.call('HGET', KEYS[2], 'decision')
-if existing then
-  return {existing, redis.call('HGET', KEYS[2], 'children') or ''}
-end
-local cur = redis.call('HGET', KEYS[2], 'status')
-if not cur or redis.call('EXISTS', KEYS[1]) == 0 then
+local n = fields(KEYS[2], 'decision', 'children', 'depth', 'kept_decide', 'status')
+if n.decision then return {n.decision, n.children or ''} end
+local t = fields(KEYS[1], 'envelopes', 'max_nodes', 'reserved', 'events_maxlen', 'status')
+local cur = n.status
+if not cur or not t.status then
   return {'MISSING', ''}
 end
+MAXLEN[KEYS[1]] = t.events_maxlen or '10000'
 -- Closed while its call ran (its subtree was cancelled): the decision belongs to no one.
 if TERMINAL[cur] then return {'FENCED', ''} end
 if ARGV[5] and ARGV[5] ~= '' then
@@ -24,10 +24,9 @@ local notes = d.notes or {}
 local decision = d.decision
 local k = #KEYS - 5
 local allowed = 0
-local envelopes = envelopes_on(KEYS[1])
+local envelopes = t.envelopes == '1'
 if decision == 'delegate' then
-  local t = redis.call('HMGET', KEYS[1], 'max_nodes', 'reserved')
-  allowed = math.min(k, num(t[1]) - num(t[2]))
+  allowed = math.min(k, num(t.max_nodes) - num(t.reserved))
   local what = 'node budget'
   if envelopes then
     local room = envelope_room(KEYS[2])
@@ -42,23 +41,24 @@ if decision == 'delegate' then
     table.insert(notes, 'clamped: fewer than 2 sub-tasks fit; executing instead')
   end
 end
-local depth = num(redis.call('HGET', KEYS[2], 'depth')) + 1
+local depth = num(n.depth) + 1
 local ids = {}
 for i = 1, allowed do
   local cid = node_id .. '.' .. i
   local st = d.sub_tasks[i]
-  redis.call('HSET', KEYS[5 + i], 'id', cid, 'parent', node_id, 'depth', depth,
+  local child = {'id', cid, 'parent', node_id, 'depth', depth,
     'persona', st.requested_persona, 'instructions', st.task_details,
-    'status', 'queued', 'created_at', now)
-  inherit_ttl(KEYS[1], KEYS[5 + i])
+    'status', 'queued', 'created_at', now}
   local after = {}  -- the siblings it starts after (those the node budget kept)
   for _, k in ipairs(type(st.after) == 'table' and st.after or {}) do
     if k <= allowed then table.insert(after, node_id .. '.' .. k) end
   end
-  if #after > 0 then redis.call('HSET', KEYS[5 + i], 'after', table.concat(after, ',')) end
-  redis.call('RPUSH', KEYS[4], cid)
+  if #after > 0 then table.insert(child, 'after'); table.insert(child, table.concat(after, ',')) end
+  redis.call('HSET', KEYS[5 + i], unpack(child))
+  inherit_ttl(KEYS[1], KEYS[5 + i], t.status)
   ids[i] = cid
 end
+if allowed > 0 then redis.call('RPUSH', KEYS[4], unpack(ids)) end
 if allowed > 0 then redis.call('HINCRBY', KEYS[1], 'reserved', allowed) end
 if envelopes and allowed > 0 then
   -- Split what the node's envelope has left among its children, by their weights (even by
@@ -92,7 +92,7 @@ if envelopes and allowed > 0 then
   end
 end
 local children = table.concat(ids, ',')
-local new_status = (allowed > 0) and 'delegated' or redis.call('HGET', KEYS[2], 'status')
+local new_status = (allowed > 0) and 'delegated' or cur
 redis.call('HSET', KEYS[2], 'decision', decision, 'reason', d.reason or '',
   'children', children, 'notes', cjson.encode(notes), 'status', new_status)
 for _, note in ipairs(notes) do
@@ -103,6 +103,6 @@ emit(KEYS[1], KEYS[3], 'node', node_id, 'status', new_status, 'decision', decisi
 for i = 1, allowed do
   emit(KEYS[1], KEYS[3], 'node', ids[i], 'status', 'queued', 'ts', now)
 end
-redis.call('HDEL', KEYS[2], 'kept_decide')
+if n.kept_decide then redis.call('HDEL', KEYS[2], 'kept_decide') end
 redis.call('DEL', KEYS[5])
 return {decision, children}

@@ -4,35 +4,46 @@
 --       token (the run's: the claim of the step this closes, or '' when no run is behind it),
 --       node key prefix, runs key prefix (for the retention of the tree's keys when it ends)
 -- The run that closes the node also ends there (its token leaves the node's open runs).
-local node_id, status, now = ARGV[1], ARGV[2], ARGV[5]
-local cur = redis.call('HGET', KEYS[2], 'status')
-if not cur or redis.call('EXISTS', KEYS[1]) == 0 then return {'MISSING'} end
+local node_id, status, now, token = ARGV[1], ARGV[2], ARGV[5], ARGV[10]
+local n = fields(KEYS[2], 'started_at', 'notes', 'resv_decide', 'resv_execute',
+  'resv_synthesize', 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting', 'status')
+local t = fields(KEYS[1], 'events_maxlen', 'done', status, 'status')
+local cur = n.status
+if not cur or not t.status then return {'MISSING'} end
 if TERMINAL[cur] then return {'ALREADY', cur} end
-if ARGV[10] ~= '' then
+if token ~= '' then
   local holder = redis.call('GET', KEYS[4])
-  if holder and holder ~= ARGV[10] then return {'FENCED', cur} end
+  if holder and holder ~= token then return {'FENCED', cur} end
 end
 if ARGV[7] ~= '' and cur ~= ARGV[7] then return {'SKIPPED', cur} end
-redis.call('HSET', KEYS[2], 'status', status, 'finished_at', now)
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[4]) end
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[2], 'worker', ARGV[6]) end
-if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'context_keys', ARGV[9]) end
-if redis.call('HEXISTS', KEYS[2], 'started_at') == 0 then redis.call('HSET', KEYS[2], 'started_at', now) end
+MAXLEN[KEYS[1]] = t.events_maxlen or '10000'
+local set = {'status', status, 'finished_at', now}
+local function put(field, value) table.insert(set, field); table.insert(set, value) end
+if ARGV[3] ~= '' then put('result', ARGV[3]) end
+if ARGV[4] ~= '' then put('error', ARGV[4]) end
+if ARGV[6] ~= '' then put('worker', ARGV[6]) end
+if ARGV[9] ~= '' then put('context_keys', ARGV[9]) end
+if not n.started_at then put('started_at', now) end
 if ARGV[8] ~= '' then
-  local notes = cjson.decode(redis.call('HGET', KEYS[2], 'notes') or '[]')
+  local notes = cjson.decode(n.notes or '[]')
   table.insert(notes, ARGV[8])
-  redis.call('HSET', KEYS[2], 'notes', cjson.encode(notes))
+  put('notes', cjson.encode(notes))
 end
-redis.call('HDEL', KEYS[2], 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting')
-for _, step in ipairs({'decide', 'execute', 'synthesize'}) do unreserve(KEYS[1], KEYS[2], step, nil) end
+if n.kept_decide or n.kept_execute or n.kept_synthesize or n.waiting then
+  redis.call('HDEL', KEYS[2], 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting')
+end
+for _, step in ipairs({'decide', 'execute', 'synthesize'}) do
+  if n['resv_' .. step] then unreserve(KEYS[1], KEYS[2], step, nil) end
+end
 redis.call('DEL', KEYS[4])
-if ARGV[10] ~= '' then
-  redis.call('SREM', KEYS[5], ARGV[10])
-  redis.call('HSET', KEYS[2], 'open_runs', redis.call('SCARD', KEYS[5]))
+if token ~= '' then
+  redis.call('SREM', KEYS[5], token)
+  put('open_runs', redis.call('SCARD', KEYS[5]))
 end
-redis.call('HINCRBY', KEYS[1], 'done', 1)
-if status ~= 'completed' then redis.call('HINCRBY', KEYS[1], status, 1) end
+redis.call('HSET', KEYS[2], unpack(set))
+local counts = {'done', num(t.done) + 1}
+if status ~= 'completed' then table.insert(counts, status); table.insert(counts, num(t[status]) + 1) end
+redis.call('HSET', KEYS[1], unpack(counts))
 local fields = {'node', node_id, 'status', status, 'ts', now}
 if ARGV[4] ~= '' then table.insert(fields, 'error'); table.insert(fields, string.sub(ARGV[4], 1, 200)) end
 if ARGV[8] ~= '' then table.insert(fields, 'note'); table.insert(fields, ARGV[8]) end

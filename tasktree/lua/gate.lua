@@ -5,18 +5,24 @@
 -- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
 -- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
-local status = redis.call('HGET', KEYS[2], 'status')
+local n = fields(KEYS[2], 'decision', 'resv_' .. step, 'retry_at', 'started_at', 'status')
+local status = n.status
 if not status then return {'MISSING'} end
 if TERMINAL[status] then return {'DONE'} end
-if step == 'decide' and redis.call('HEXISTS', KEYS[2], 'decision') == 1 then return {'DONE'} end
-local tstatus = redis.call('HGET', KEYS[1], 'status')
+if step == 'decide' and n.decision then return {'DONE'} end
+local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
+  'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes', 'events_maxlen', 'status')
+local tstatus = t[10]
+MAXLEN[KEYS[1]] = t[9] or '10000'
 if tstatus == 'interrupted' then return {'INTERRUPTED'} end
 if tstatus ~= 'running' then return {'CANCELLED'} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
-unreserve(KEYS[1], KEYS[2], step, nil)  -- left by a run that lost this step's claim
-local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
-  'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes')
+if n['resv_' .. step] then  -- left by a run that lost this step's claim
+  unreserve(KEYS[1], KEYS[2], step, nil)
+  t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
+    'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes')
+end
 if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost budget'} end
 if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'token budget'} end
 -- With envelopes, the tightest envelope on the node's chain may leave less than the tree.
@@ -52,13 +58,13 @@ else
   cap = 0
 end
 redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
-redis.call('HSET', KEYS[2], 'call_at', ARGV[6])
-redis.call('HDEL', KEYS[2], 'retry_at')
-if status ~= ARGV[5] then
-  redis.call('HSET', KEYS[2], 'status', ARGV[5], 'worker', ARGV[7])
-  if redis.call('HEXISTS', KEYS[2], 'started_at') == 0 then
-    redis.call('HSET', KEYS[2], 'started_at', ARGV[6])
-  end
+if n.retry_at then redis.call('HDEL', KEYS[2], 'retry_at') end
+if status == ARGV[5] then
+  redis.call('HSET', KEYS[2], 'call_at', ARGV[6])
+else
+  local set = {'call_at', ARGV[6], 'status', ARGV[5], 'worker', ARGV[7]}
+  if not n.started_at then table.insert(set, 'started_at'); table.insert(set, ARGV[6]) end
+  redis.call('HSET', KEYS[2], unpack(set))
   emit(KEYS[1], KEYS[4], 'node', node_id, 'status', ARGV[5], 'worker', ARGV[7], 'ts', ARGV[6])
 end
 return {'OK', tostring(cap)}

@@ -5,14 +5,15 @@
 -- connection).
 -- KEYS: live index, then the node of each member ; ARGV: member ...
 local now = now_ms()
-local listed = 0
+local add, gone = {}, {}
 for i = 1, #ARGV do
   local status = redis.call('HGET', KEYS[i + 1], 'status')
   if status and not TERMINAL[status] then
-    redis.call('ZADD', KEYS[1], now, ARGV[i])
-    listed = listed + 1
+    table.insert(add, now); table.insert(add, ARGV[i])
   else
-    redis.call('ZREM', KEYS[1], ARGV[i])
+    table.insert(gone, ARGV[i])
   end
 end
-return listed
+call_chunked('ZADD', KEYS[1], add)  -- pairs: 4000 is even
+call_chunked('ZREM', KEYS[1], gone)
+return #add / 2

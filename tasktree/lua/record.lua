@@ -5,35 +5,45 @@
 -- step's outcome is stored, so a run that dies in between is replayed, not paid for again.
 -- Returns 1 recorded; 0 already recorded (the script was sent again); 2 recorded as waste (the
 -- call's attempt had lost its claim to another); -1 no such tree (the store was reset).
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+-- Each hash is read once and written once: the counters are summed here (exact for integers).
+local step, token = ARGV[1], ARGV[8]
+local resv, kept_f, lat_f = 'resv_' .. step, 'kept_' .. step, 'lat_' .. step
+local n = fields(KEYS[2], 'decision', resv, 'waiting', kept_f, lat_f, 'calls',
+  'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens', 'status')
+local t = fields(KEYS[1], 'envelopes', 'calls', 'prompt_tokens', 'completion_tokens',
+  'waste_calls', 'waste_tokens', 'status')
+if not n.status or not t.status then return -1 end
 if redis.call('SADD', KEYS[4], ARGV[10]) == 0 then return 0 end
-inherit_ttl(KEYS[1], KEYS[4])
-unreserve(KEYS[1], KEYS[2], ARGV[1], ARGV[8])  -- the actual usage replaces the worst case
-redis.call('HDEL', KEYS[2], 'waiting')
+inherit_ttl(KEYS[1], KEYS[4], t.status)
+if n[resv] then unreserve(KEYS[1], KEYS[2], step, token) end  -- the usage replaces the worst case
+if n.waiting then redis.call('HDEL', KEYS[2], 'waiting') end
 local holder = redis.call('GET', KEYS[3])
-local tokens = tonumber(ARGV[3]) + tonumber(ARGV[4])
+local prompt, completion = num(ARGV[3]), num(ARGV[4])
+local tokens, cost = prompt + completion, num(ARGV[5])
 -- Late: another run holds the step now, or already finished it (the claim is gone then).
-local status = redis.call('HGET', KEYS[2], 'status')
-local done = TERMINAL[status] or (ARGV[1] == 'decide' and redis.call('HEXISTS', KEYS[2], 'decision') == 1)
-if (holder and holder ~= ARGV[8]) or done then
-  for i = 1, 2 do
-    redis.call('HINCRBY', KEYS[i], 'waste_calls', 1)
-    redis.call('HINCRBY', KEYS[i], 'waste_tokens', tokens)
-    redis.call('HINCRBYFLOAT', KEYS[i], 'waste_cost_usd', ARGV[5])
+local done = TERMINAL[n.status] or (step == 'decide' and n.decision)
+if (holder and holder ~= token) or done then
+  for _, h in ipairs({{KEYS[2], n}, {KEYS[1], t}}) do
+    local f = h[2]
+    redis.call('HSET', h[1], 'waste_calls', num(f.waste_calls) + 1,
+      'waste_tokens', num(f.waste_tokens) + tokens)
+    if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'waste_cost_usd', ARGV[5]) end
   end
   return 2
 end
-for i = 1, 2 do
-  redis.call('HINCRBY', KEYS[i], 'calls', 1)
-  redis.call('HINCRBY', KEYS[i], 'prompt_tokens', ARGV[3])
-  redis.call('HINCRBY', KEYS[i], 'completion_tokens', ARGV[4])
-  redis.call('HINCRBYFLOAT', KEYS[i], 'cost_usd', ARGV[5])
-  if ARGV[6] == '1' then redis.call('HSET', KEYS[i], 'cost_unknown', '1') end
-end
-if envelopes_on(KEYS[1]) then chain_add(KEYS[2], 'sub_tokens', 'sub_cost', tokens, num(ARGV[5])) end
-redis.call('HSET', KEYS[2], 'model', ARGV[2])
-local kept = cjson.decode(redis.call('HGET', KEYS[2], 'kept_' .. ARGV[1]) or '[]')
+local kept = cjson.decode(n[kept_f] or '[]')
 table.insert(kept, ARGV[9])
-redis.call('HSET', KEYS[2], 'kept_' .. ARGV[1], cjson.encode(kept))
-redis.call('HINCRBYFLOAT', KEYS[2], 'lat_' .. ARGV[1], ARGV[7])
+for _, h in ipairs({{KEYS[2], n}, {KEYS[1], t}}) do
+  local f = h[2]
+  local set = {'calls', num(f.calls) + 1, 'prompt_tokens', num(f.prompt_tokens) + prompt,
+    'completion_tokens', num(f.completion_tokens) + completion}
+  if ARGV[6] == '1' then table.insert(set, 'cost_unknown'); table.insert(set, '1') end
+  if h[1] == KEYS[2] then
+    for _, v in ipairs({'model', ARGV[2], kept_f, cjson.encode(kept),
+      lat_f, tostring(num(n[lat_f]) + num(ARGV[7]))}) do table.insert(set, v) end
+  end
+  redis.call('HSET', h[1], unpack(set))
+  if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'cost_usd', ARGV[5]) end
+end
+if t.envelopes == '1' then chain_add(KEYS[2], 'sub_tokens', 'sub_cost', tokens, cost) end
 return 1
