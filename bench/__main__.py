@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, float]]]:
         lines += provider_limits(b, quick)
         if not quick:
             lines += defaults_and_processes(b, lat_fixed[0])
+            lines += in_flight(b)
     finally:
         b.stop_all()
         for client in b.clients.values():
@@ -90,21 +92,35 @@ def overhead(b: Bench, shapes: list[Spec]) -> list[str]:
     lines += [
         "## 1. Overhead per node at zero model latency",
         "",
-        "| shape | nodes | tasktree ms/node | bare Celery chord ms/node | ratio | largest message (bytes) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "Worker CPU per Celery task: the worker process's user + system time (/proc) over the "
+        "tree, divided by its tasks (one per node, and one synthesis per delegated node).",
+        "",
+        "| shape | nodes | tasktree ms/node | bare Celery chord ms/node | ratio "
+        "| worker CPU per task: tasktree | bare chord | largest message (bytes) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in shapes:
         tt, bare, sizes = Row("tt"), Row("bare"), []
+        tt_cpu, bare_cpu = Row("tt cpu"), Row("bare cpu")
+        tasks = s.nodes + sum(s.fanout**d for d in range(s.depth))
+        name = f"tt{s.depth}x{s.fanout}zero"
         for _ in range(b.runs):
             b.r.delete("bench:max-message")
-            wall, _, _ = b.tasktree(f"tt{s.depth}x{s.fanout}zero", s)
+            cpu = b.cpu_seconds(name)
+            wall, _, _ = b.tasktree(name, s)
+            time.sleep(0.5)  # the last acks and events
+            tt_cpu.values.append((b.cpu_seconds(name) - cpu) / tasks)
             tt.values.append(wall / s.nodes)
             sizes.append(int(b.r.get("bench:max-message") or 0))
+            cpu = b.cpu_seconds("peers")
             bare.values.append(b.bare(s) / s.nodes)
+            time.sleep(0.5)
+            bare_cpu.values.append((b.cpu_seconds("peers") - cpu) / tasks)
         ratios = Row("ratio", [a / c for a, c in zip(tt.values, bare.values, strict=True)])
         lines.append(
             f"| depth {s.depth}, fan-out {s.fanout} | {s.nodes} | {tt.fmt(1000, 2)} | "
-            f"{bare.fmt(1000, 2)} | {ratios.fmt(1, 2)} | {max(sizes)} |"
+            f"{bare.fmt(1000, 2)} | {ratios.fmt(1, 2)} | {tt_cpu.fmt(1000, 2)} ms | "
+            f"{bare_cpu.fmt(1000, 2)} ms | {max(sizes)} |"
         )
         print(lines[-1], flush=True)
 
@@ -216,6 +232,69 @@ def defaults_and_processes(b: Bench, short: float) -> list[str]:
         lines.append(f"| {latency} s | {rows[one].fmt(1, 3)} | {rows[two].fmt(1, 3)} |")
         print(lines[-1], flush=True)
     return lines
+
+
+def in_flight(b: Bench) -> list[str]:
+    """8. A thousand model calls in flight on one worker process: 10 s calls, fan-out 32,
+    depth 2 (1,057 nodes, 1,024 leaves), the concurrency raised to hold them all."""
+    b.stop_all()
+    name, spec = "inflight", Spec(2, 32, 10.0, 10.0, seed=7)
+    b.tasktree_worker(name, spec.fanout, "10.0", {"TASKTREE_CONCURRENCY": "1100"})
+    cmd = b.workers[name].cmd
+    cmd[cmd.index("-c") + 1] = "1100"
+    b.workers[name].start()
+    b.workers[name].wait_ready()
+    proc = b.workers[name].proc
+    assert proc is not None
+    idle = rss_mib(proc.pid, "VmRSS")
+    threads = [0]
+    done = threading.Event()
+
+    def sample() -> None:  # the worker's threads, every half second
+        while not done.wait(0.5):
+            threads[0] = max(threads[0], int(proc_status(proc.pid)["Threads"]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    wall, cp, tree = b.tasktree(name, spec)
+    done.set()
+    sampler.join()
+    peak = rss_mib(proc.pid, "VmHWM")
+    leaves = [n for n in tree.nodes if n.depth == spec.depth]
+    # The most leaves whose model call was running at one moment, from their stored times.
+    edges = sorted(
+        [(n.call_at or 0.0, 1) for n in leaves] + [(n.finished_at or 0.0, -1) for n in leaves]
+    )
+    at_once = most = 0
+    for _, step in edges:
+        at_once += step
+        most = max(most, at_once)
+    lines = [
+        "",
+        "## 8. A thousand model calls in flight on one worker process",
+        "",
+        f"10 s per call, fan-out 32, depth 2: {len(tree.nodes)} nodes, {len(leaves)} leaves; "
+        "one worker process with `TASKTREE_CONCURRENCY=1100`. One run.",
+        "",
+        "| leaf calls running at once (most) | wall s | wall / critical path "
+        "| resident memory idle → peak | threads (most) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {most} of {len(leaves)} | {wall:.1f} | {wall / cp:.3f} | "
+        f"{idle:.0f} → {peak:.0f} MiB | {threads[0]} |",
+    ]
+    print(lines[-1], flush=True)
+    b.workers[name].stop()
+    return lines
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def rss_mib(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak so far) of a process, in MiB."""
+    return int(proc_status(pid)[field].split()[0]) / 1024
 
 
 def single_call(b: Bench) -> list[str]:

@@ -124,6 +124,13 @@ class Bench:
             if name not in keep:
                 w.stop()
 
+    def cpu_seconds(self, worker: str) -> float:
+        """User + system CPU time a worker process has used so far (Linux /proc)."""
+        proc = self.workers[worker].proc
+        assert proc is not None
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     # -- one tree, each system --------------------------------------------------------------
 
     def tasktree(self, worker: str, spec: Spec, **kw: Any) -> tuple[float, float, Tree]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from tasktree.errors import StoreError
@@ -42,6 +43,8 @@ class Leases:
         self._slots: set[tuple[str, str]] = set()  # (model, token) of calls in flight
         self._listed: set[Member] = set()  # what the last beat scored
         self._started: set[Member] = set()  # listed on receipt since the last beat
+        self._received: set[Member] = set()  # received, for the beat thread to list now
+        self._wake = threading.Event()
         self._unended: set[tuple[str, str, str]] = set()  # runs whose end Redis missed
         self._lock = threading.Lock()
         self._pid = 0
@@ -83,17 +86,37 @@ class Leases:
                 self._unended.discard(run)
 
     def start_run(self, queue: str, member: str) -> None:
-        """List a received message in the live index now; the beats keep it there while the
-        process holds it."""
+        """List a received message in the live index at once, from the beat thread (the
+        consumer never waits on Redis; a burst is listed in one round trip); the beats keep
+        it there while the process holds it."""
         self._ensure_thread()
-        self.store.run_started(queue, member)
         with self._lock:
-            self._started.add((queue, member))
+            self._received.add((queue, member))
+        self._wake.set()
+
+    def list_received(self) -> None:
+        """List what was received since the last look (Redis away: the next look does)."""
+        with self._lock:
+            received, self._received = self._received, set()
+        if not received:
+            return
+        by_queue: dict[str, list[str]] = {}
+        for queue, member in received:
+            by_queue.setdefault(queue, []).append(member)
+        try:
+            self.store.renew([], by_queue, [], self.lease_seconds)
+        except StoreError:
+            with self._lock:
+                self._received |= received
+            raise
+        with self._lock:
+            self._started |= received
 
     def renew_once(self) -> int:
         """Extend every claim still held by its token, score every member the process holds,
         take off those it no longer holds (a message received and done between two beats
         too); returns how many claims were extended."""
+        self.list_received()
         held = self.held() if self.held else set()
         with self._lock:
             started = set(self._started)
@@ -117,6 +140,7 @@ class Leases:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _ensure_thread(self) -> None:
         """Renew every third of a lease in a daemon thread of this process until stopped."""
@@ -129,10 +153,21 @@ class Leases:
         interval = self.lease_seconds / 3
 
         def loop() -> None:
-            while not self._stop.wait(interval):
+            beat = time.monotonic() + interval
+            while not self._stop.is_set():
+                self._wake.wait(max(0.0, beat - time.monotonic()))
+                self._wake.clear()
                 try:
-                    self.renew_once()
+                    if time.monotonic() >= beat:
+                        beat = time.monotonic() + interval
+                        self.renew_once()
+                    else:
+                        self.list_received()
+                except StoreError as e:  # Redis away: the next beat tries again
+                    log.warning("could not renew leases (%s); trying again", e)
+                    self._stop.wait(1.0)  # not a busy loop on every message received
                 except Exception:  # the heartbeat outlives any one failure (logged)
                     log.warning("could not renew leases; trying again", exc_info=True)
+                    self._stop.wait(1.0)
 
         threading.Thread(target=loop, name="tasktree-leases", daemon=True).start()

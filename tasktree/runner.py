@@ -379,8 +379,9 @@ class NodeRun:
             return ready
         persona, task = request.persona_prompt, request.task_instructions
         if "decision" not in self.node:
-            self._decide(persona, task, int(self.node.get("depth", request.depth)))
-            self.node = self.store.node_hash(self.tree_id, self.node_id)
+            answered = self._decide(persona, task, int(self.node.get("depth", request.depth)))
+            if answered is not None:
+                return answered
         if self.node.get("status") in NODE_TERMINAL:
             return Done(self.node["status"])
         if self.node.get("decision") == "delegate":
@@ -403,7 +404,9 @@ class NodeRun:
         pairs = [(persona, task), *((n.persona, n.instructions) for n in above)]
         return {agent.same_task_key(p, t) for p, t in pairs}
 
-    def _decide(self, persona: str, task: str, depth: int) -> None:
+    def _decide(self, persona: str, task: str, depth: int) -> Done | None:
+        """Decide and store the decision (or take the one stored first) into `self.node`;
+        Done when single-call mode answered in the same call."""
         tree = self.tree
         if depth >= int(tree["max_depth"]):
             skipped = ["depth limit: decision call skipped"]
@@ -429,7 +432,9 @@ class NodeRun:
             self.worker,
             token=self.token,
         )
+        self.node.update(decision=decision, children=",".join(children))
         into = f" into {len(children)} sub-tasks" if children else ""
         log.info("tree %s node %s decided %s%s", self.tree_id, self.node_id, decision, into)
         if decision == "execute" and plan.answer:  # single-call mode answered in the same call
-            self.finish(NodeStatus.COMPLETED, result=plan.answer, step=Step.DECIDE)
+            return self.finish(NodeStatus.COMPLETED, result=plan.answer, step=Step.DECIDE)
+        return None

@@ -3,14 +3,21 @@
 -- Nothing is written for a node that does not exist.
 -- KEYS: tree, node, runs ; ARGV: run token
 local tree = redis.call('HGETALL', KEYS[1])
-local n = fields(KEYS[2], 'deliveries', 'status')
-if #tree == 0 or not n.status then return {{}, {}, 0} end
+local node = redis.call('HGETALL', KEYS[2])
+if #tree == 0 or #node == 0 then return {{}, {}, 0} end
 local set = {}
 if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
-  set = {'deliveries', num(n.deliveries) + 1}
+  set = {'deliveries', num(field_of(node, 'deliveries')) + 1}
   inherit_ttl(KEYS[1], KEYS[3], field_of(tree, 'status'))
 end
-local runs = redis.call('SCARD', KEYS[3])
-table.insert(set, 'open_runs'); table.insert(set, runs)
+table.insert(set, 'open_runs'); table.insert(set, redis.call('SCARD', KEYS[3]))
 redis.call('HSET', KEYS[2], unpack(set))
-return {tree, redis.call('HGETALL', KEYS[2]), runs}
+-- The node as it is now: the reply read before the write, with the written fields.
+for i = 1, #set, 2 do
+  local found = false
+  for j = 1, #node, 2 do
+    if node[j] == set[i] then node[j + 1], found = tostring(set[i + 1]), true end
+  end
+  if not found then table.insert(node, set[i]); table.insert(node, tostring(set[i + 1])) end
+end
+return {tree, node, set[#set]}
