@@ -58,9 +58,11 @@ def config(settings: Settings) -> dict[str, Any]:
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
         "result_expires": settings.result_ttl,
-        # Flower and `celery events` see every task.
+        # Flower and `celery events` see every task from its receipt (received, started,
+        # succeeded, retried, failed). Not task-sent: one more event per task to build and fan
+        # out; a task still queued shows in tasktree's views, and in Flower once received.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": False,
         # I/O-bound LLM calls: threads, many of them.
         "worker_pool": settings.pool,
         "worker_concurrency": settings.concurrency,
