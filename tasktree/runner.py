@@ -105,6 +105,7 @@ class NodeRun:
         self.ended = False  # the run ended in the store (with the finish that closed its node)
         self.tree: dict[str, str] = {}
         self.node: dict[str, str] = {}
+        self.children: list[TaskRequest] = []  # of the delegation this run stored
         self._complete = complete
         self.leases = leases
         self.tracing = tracing
@@ -385,10 +386,12 @@ class NodeRun:
         if self.node.get("status") in NODE_TERMINAL:
             return Done(self.node["status"])
         if self.node.get("decision") == "delegate":
-            ids = [c for c in self.node.get("children", "").split(",") if c]
-            children = self.store.nodes(self.tree_id, ids)
+            if not self.children:  # decided by an earlier run: the children are in the store
+                ids = [c for c in self.node.get("children", "").split(",") if c]
+                nodes = self.store.nodes(self.tree_id, ids)
+                self.children = [c.request(self.tree_id) for c in nodes]
             return Delegate(
-                [c.request(self.tree_id) for c in children],
+                self.children,
                 self.tree.get("queue") or self.settings.node_queue,
                 self.tree.get("synth_queue") or self.settings.synth_queue,
             )
@@ -422,7 +425,7 @@ class NodeRun:
                 single_call=tree.get("single_call") == "1",
                 lineage=lambda: self._lineage(persona, task),
             )
-        decision, children = self.store.decide(
+        decision, children, fresh = self.store.decide(
             self.tree_id,
             self.node_id,
             plan.decision,
@@ -433,6 +436,18 @@ class NodeRun:
             token=self.token,
         )
         self.node.update(decision=decision, children=",".join(children))
+        if fresh and decision == "delegate":  # its children are the plan's first sub-tasks
+            self.children = [
+                TaskRequest(
+                    task_id=f"{self.tree_id}/{cid}",
+                    persona_prompt=sub["requested_persona"],
+                    task_instructions=sub["task_details"],
+                    tree_id=self.tree_id,
+                    node_id=cid,
+                    depth=depth + 1,
+                )
+                for cid, sub in zip(children, plan.sub_tasks, strict=False)
+            ]
         into = f" into {len(children)} sub-tasks" if children else ""
         log.info("tree %s node %s decided %s%s", self.tree_id, self.node_id, decision, into)
         if decision == "execute" and plan.answer:  # single-call mode answered in the same call

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis
 
@@ -45,6 +45,14 @@ class Freed:
 
     def __add__(self, other: Freed) -> Freed:
         return Freed(self.trees + other.trees, self.keys + other.keys, self.bytes + other.bytes)
+
+
+class Decided(NamedTuple):
+    """A node's stored decision, its children, and whether this call stored it."""
+
+    decision: str
+    children: list[str]
+    fresh: bool
 
 
 @dataclass(frozen=True)
@@ -316,7 +324,7 @@ class Store:
         notes: list[str],
         worker: str,
         token: str = "",
-    ) -> tuple[str, list[str]]:
+    ) -> Decided:
         """Store the decision once; returns the stored decision and the children it created."""
         doc = {"decision": decision, "reason": reason, "notes": notes, "sub_tasks": sub_tasks}
         child_keys = [
@@ -338,7 +346,7 @@ class Store:
             raise NotFoundError(f"node {node_id} of tree {tree_id} does not exist")
         if res[0] == "FENCED":
             raise FencedError(f"node {node_id}: another run holds the decision's claim")
-        return res[0], [c for c in res[1].split(",") if c]
+        return Decided(res[0], [c for c in res[1].split(",") if c], res[2] == "1")
 
     def finish(
         self,

@@ -87,10 +87,10 @@ def test_a_subtree_cannot_create_more_nodes_than_its_envelope(store: Store) -> N
     tid = store.create_tree(spec(max_nodes=11))  # 10 below the root
     store.decide(tid, "0", "delegate", "r", subs(2), [], "w")  # 8 left: 4 and 4
     assert [n.env_nodes for n in store.nodes(tid, ["0.1", "0.2"])] == [4, 4]
-    _, greedy = store.decide(tid, "0.1", "delegate", "r", subs(6), [], "w")
+    _, greedy, _ = store.decide(tid, "0.1", "delegate", "r", subs(6), [], "w")
     assert greedy == ["0.1.1", "0.1.2", "0.1.3", "0.1.4"]  # its 4, not the tree's 8
     assert any("clamped: node envelope allowed 4 of 6" in n for n in store.node(tid, "0.1").notes)
-    _, fair = store.decide(tid, "0.2", "delegate", "r", subs(3), [], "w")
+    _, fair, _ = store.decide(tid, "0.2", "delegate", "r", subs(3), [], "w")
     assert fair == ["0.2.1", "0.2.2", "0.2.3"]  # the sibling still gets its share
     tree = store.tree(tid, with_nodes=False)
     assert tree.reserved == 1 + 2 + 4 + 3

@@ -8,7 +8,7 @@ import pytest
 from tasktree import keys
 from tasktree.llm import Models
 from tasktree.models import Reply, TreeSpec
-from tasktree.runner import NodeRun
+from tasktree.runner import Delegate, NodeRun
 from tasktree.settings import load
 from tasktree.store import Store
 
@@ -100,3 +100,20 @@ def test_a_run_whose_end_redis_missed_is_ended_by_the_next_beat_not_counted_a_cr
     leases.renew_once()
     assert store.r.scard(keys.runs(tid, "0")) == 0
     assert model.paid == []
+
+
+def test_a_delegation_sends_the_children_the_store_holds_whichever_run_decided(
+    store: Store,
+) -> None:
+    """The run that stores a delegation sends its children from its own plan (no read back);
+    a later run of the same node reads them from the store. Both send the same messages."""
+    settings = load(redis_url=None, offline_fanout=3)
+    tid = store.create_tree(TreeSpec.build(settings, "Plan a trip.", max_depth=2))
+    root = store.node(tid, "0")
+    model = Models(settings)
+    first = NodeRun(store, settings, tid, "0", "w", model).run_node(root.request(tid))
+    again = NodeRun(store, settings, tid, "0", "w", model).run_node(root.request(tid))
+    stored = [n.request(tid) for n in store.tree(tid).nodes if n.parent_id == "0"]
+    assert isinstance(first, Delegate) and isinstance(again, Delegate)
+    assert len(stored) == 3
+    assert first.children == stored == again.children

@@ -57,11 +57,10 @@ def test_all_keys_of_a_tree_share_its_hash_tag(store: Store) -> None:
 
 def test_decide_creates_children_and_is_written_once(store: Store) -> None:
     tid = store.create_tree(spec())
-    decision, children = store.decide(tid, "0", "delegate", "broad", subs(3), ["n1"], "w")
-    assert decision == "delegate"
-    assert children == ["0.1", "0.2", "0.3"]
+    decision, children, fresh = store.decide(tid, "0", "delegate", "broad", subs(3), ["n1"], "w")
+    assert (decision, children, fresh) == ("delegate", ["0.1", "0.2", "0.3"], True)
     again = store.decide(tid, "0", "execute", "other", [], [], "w")
-    assert again == ("delegate", ["0.1", "0.2", "0.3"])  # the stored decision wins
+    assert again == ("delegate", ["0.1", "0.2", "0.3"], False)  # the stored decision wins
     tree = store.tree(tid)
     assert tree.reserved == 4
     assert [n.persona for n in tree.nodes[1:]] == ["p0", "p1", "p2"]
@@ -72,7 +71,7 @@ def test_decide_creates_children_and_is_written_once(store: Store) -> None:
 
 def test_node_budget_clamps_children(store: Store) -> None:
     tid = store.create_tree(spec(max_nodes=4))
-    _, children = store.decide(tid, "0", "delegate", "r", subs(6), [], "w")
+    _, children, _ = store.decide(tid, "0", "delegate", "r", subs(6), [], "w")
     assert children == ["0.1", "0.2", "0.3"]
     root = store.node(tid, "0")
     assert any("node budget allowed 3 of 6" in n for n in root.notes)
@@ -80,14 +79,14 @@ def test_node_budget_clamps_children(store: Store) -> None:
 
 def test_fewer_than_two_children_left_means_execute(store: Store) -> None:
     tid = store.create_tree(spec(max_nodes=2))
-    decision, children = store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
+    decision, children, _ = store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
     assert (decision, children) == ("execute", [])
     assert store.tree(tid).reserved == 1
 
 
 def test_node_budget_holds_under_parallel_deciders(store: Store) -> None:
     tid = store.create_tree(spec(max_nodes=20))
-    _, level1 = store.decide(tid, "0", "delegate", "r", subs(6), [], "w")
+    _, level1, _ = store.decide(tid, "0", "delegate", "r", subs(6), [], "w")
     barrier = threading.Barrier(len(level1))
 
     def decide(nid: str) -> None:
@@ -355,7 +354,11 @@ def test_a_decision_from_a_fenced_run_is_refused(store: Store) -> None:
     assert store.gate(tid, "0", "decide", "alive", "deciding", "w2").verdict == "OK"
     with pytest.raises(FencedError):
         store.decide(tid, "0", "delegate", "r", subs(2), [], "w1", token="frozen")
-    assert store.decide(tid, "0", "execute", "r", [], [], "w2", token="alive") == ("execute", [])
+    assert store.decide(tid, "0", "execute", "r", [], [], "w2", token="alive") == (
+        "execute",
+        [],
+        True,
+    )
 
 
 def test_a_call_is_recorded_once_when_its_script_is_sent_again(store: Store) -> None:

@@ -3,10 +3,11 @@
 -- ARGV: node_id, now, worker, decision JSON {decision, reason, notes,
 --       sub_tasks=[{requested_persona, task_details, after=[1-based sibling positions]}]},
 --       token (the decide claim's holder, or '' when no model call is behind it)
--- Returns {decision, children csv}: the stored one if a decision already exists.
+-- Returns {decision, children csv, '1' when this call stored it}: the stored one if a decision
+-- already exists.
 local node_id, now, worker = ARGV[1], ARGV[2], ARGV[3]
 local n = fields(KEYS[2], 'decision', 'children', 'depth', 'kept_decide', 'status')
-if n.decision then return {n.decision, n.children or ''} end
+if n.decision then return {n.decision, n.children or '', ''} end
 local t = fields(KEYS[1], 'envelopes', 'max_nodes', 'reserved', 'events_maxlen', 'status')
 local cur = n.status
 if not cur or not t.status then
@@ -105,4 +106,4 @@ for i = 1, allowed do
 end
 if n.kept_decide then redis.call('HDEL', KEYS[2], 'kept_decide') end
 redis.call('DEL', KEYS[5])
-return {decision, children}
+return {decision, children, '1'}
