@@ -13,7 +13,10 @@ after the visibility timeout, and a redelivered node whose outcome is stored ans
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
@@ -67,14 +70,36 @@ def _dropped(queue: str, error: Exception) -> None:
     )
 
 
+class _Tags:
+    """Delivery tags: one series per process (a fresh one in a forked child), numbered in
+    order. kombu makes each a uuid4, and os.urandom is a system call per message."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.prefix, self.count = uuid.uuid4().hex, itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}-{next(self.count)}"  # itertools.count is thread-safe
+
+
+_tags = _Tags()
+os.register_at_fork(after_in_child=_tags.restart)
+
+
 class _Safe:
     """kombu's channel, which drops a malformed message (one log line) instead of letting the
     decoding error end the worker (every payload-level problem is Celery's and tasktree's to
-    reject; these are the ones below them), and which publishes through one Redis client
-    instead of building a new one for every message (redis-py clients are thread-safe)."""
+    reject; these are the ones below them), which publishes through one Redis client
+    instead of building a new one for every message (redis-py clients are thread-safe), and
+    which numbers its delivery tags instead of drawing a uuid4 for each."""
 
     QoS = QoS
     _sync_client: Any = None
+
+    def _next_delivery_tag(self) -> str:
+        return _tags.next()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:

@@ -88,3 +88,35 @@ def test_a_malformed_message_on_any_queue_is_dropped_and_the_worker_serves_on(
     log = worker.log.read_text()
     assert log.count("dropped a malformed message") == 2 * len(MALFORMED)
     assert "Unrecoverable" not in log
+
+
+def test_delivery_tags_are_unique_across_threads_and_a_forked_child(redis_url) -> None:
+    """Numbered tags instead of kombu's uuid4 per message: every message a channel publishes
+    gets its own tag from any thread, and a forked child starts a series of its own."""
+    import os
+    import threading
+
+    conn = Connection(redis_url, transport=Transport)
+    channel = conn.channel()
+    tags: list[str] = []
+
+    def publish() -> None:
+        mine = [channel._next_delivery_tag() for _ in range(2000)]
+        tags.extend(mine)
+
+    threads = [threading.Thread(target=publish) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(tags)) == len(tags) == 16000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next tag, then out without any teardown
+        os.write(write, channel._next_delivery_tag().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    parent = channel._next_delivery_tag()
+    assert child.split("-")[0] != parent.split("-")[0] and child not in tags
+    conn.release()
