@@ -26,6 +26,7 @@ from tasktree.store import Store
 log = logging.getLogger(__name__)
 
 Claim = tuple[str, str, str, str]  # tree, node, step, token
+RECEIPT_BATCH = 0.02  # seconds the beat thread gathers received messages before listing them
 Member = tuple[str, str]  # queue, live index member
 Held = Callable[[], set[Member]]
 
@@ -162,6 +163,7 @@ class Leases:
                         beat = time.monotonic() + interval
                         self.renew_once()
                     else:
+                        self._stop.wait(RECEIPT_BATCH)  # a fan-out's messages come together
                         self.list_received()
                 except StoreError as e:  # Redis away: the next beat tries again
                     log.warning("could not renew leases (%s); trying again", e)
