@@ -93,6 +93,7 @@ class NodeRun:
         complete: Complete,
         leases: Leases | None = None,
         tracing: Tracing = OFF,
+        live: tuple[str, str] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -109,6 +110,7 @@ class NodeRun:
         self._complete = complete
         self.leases = leases
         self.tracing = tracing
+        self.live = live  # (queue, member) of this run's message in the live index
 
     # -- the model call, gated and recorded ------------------------------------------------
 
@@ -271,7 +273,7 @@ class NodeRun:
 
     def _guarded(self, body: Callable[[], Outcome], step: Step) -> Outcome:
         self.tree, self.node, open_runs = self.store.begin_run(
-            self.tree_id, self.node_id, self.token
+            self.tree_id, self.node_id, self.token, self.live
         )
         if not self.tree or not self.node.get("status"):
             log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)

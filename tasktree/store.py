@@ -195,11 +195,16 @@ class Store:
         return int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
 
     def begin_run(
-        self, tree_id: str, node_id: str, token: str
+        self, tree_id: str, node_id: str, token: str, live: tuple[str, str] | None = None
     ) -> tuple[dict[str, str], dict[str, str], int]:
-        """Start of every task run: the tree, the node, and how many runs have not ended."""
+        """Start of every task run: the tree, the node, and how many runs have not ended.
+        With `live` (queue, member), the run's message is listed in the live index too."""
         tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id), keys.runs(tree_id, node_id)]
-        tree, node, open_runs = self.script("begin", tree_keys, [token])
+        args = [token]
+        if live:
+            tree_keys.append(keys.live(live[0]))
+            args.append(live[1])
+        tree, node, open_runs = self.script("begin", tree_keys, args)
 
         def pairs(flat: list[str]) -> dict[str, str]:
             return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -524,6 +524,20 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
     assert reserved() == 0  # a node that closes gives back what it still held
 
 
+def test_a_run_lists_its_message_in_its_first_round_trip_while_its_node_is_open(
+    store: Store,
+) -> None:
+    tid = store.create_tree(spec())
+    live = keys.live("q")
+    member = keys.live_member(tid, "0", "node", "tag-1")
+    store.begin_run(tid, "0", "run-1", ("q", member))
+    assert store.r.zrange(live, 0, -1) == [member]
+    store.r.delete(live)
+    store.finish(tid, "0", "completed", result="done")
+    store.begin_run(tid, "0", "run-2", ("q", member))  # a late duplicate of a closed node
+    assert store.r.zcard(live) == 0
+
+
 def test_the_heartbeat_lists_held_runs_of_open_nodes_only(store: Store) -> None:
     tid = store.create_tree(spec())
     live = keys.live("q")

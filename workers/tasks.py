@@ -56,10 +56,13 @@ def result_of(tree_id: str, node_id: str, done: Done) -> dict[str, Any]:
 
 
 def node_run(task: Task, tree_id: str, node_id: str) -> NodeRun:
+    """The run of this message; its first round trip lists the message in the live index."""
     rt = task.app.tasktree
     worker = task.request.hostname or ""
+    member = live_member(task.name, task.request.args, task.request.properties)
+    live = (rt.settings.node_queue, member) if member else None
     return NodeRun(
-        rt.store, rt.settings, tree_id, node_id, worker, rt.complete, rt.leases, rt.tracing
+        rt.store, rt.settings, tree_id, node_id, worker, rt.complete, rt.leases, rt.tracing, live
     )
 
 
@@ -177,8 +180,9 @@ def held_by(app: Celery) -> set[tuple[str, str]]:
 
 @signals.task_received.connect
 def on_received(request: Any, **_: Any) -> None:
-    """List a message in the live index as soon as it arrives; the beats keep it there while
-    the worker holds it and take it off at the first beat after (no round trip per task). If
+    """List a message in the live index as soon as it arrives (the beat thread does, a burst
+    in one round trip, and the run's own first round trip does too); the beats keep it there
+    while the worker holds it and take it off at the first beat after. If
     the worker dies holding it, the sweeper sends its node again a lease after the beats stop
     (a message that had just finished is sent for nothing: its node answers from the store)."""
     runtime = getattr(request.app, "tasktree", None)

@@ -1,10 +1,15 @@
 -- Start of a task run: the tree, the node, and how many runs of it have not ended. Applied
 -- once per run token, so a script sent again after a timeout counts no second run.
--- Nothing is written for a node that does not exist.
--- KEYS: tree, node, runs ; ARGV: run token
+-- Nothing is written for a node that does not exist. With a live index and a member, the
+-- run's message is listed there (scored now) while its node is open: from its first round
+-- trip, a run whose worker dies is found by the sweeper.
+-- KEYS: tree, node, runs[, live index] ; ARGV: run token[, live member]
 local tree = redis.call('HGETALL', KEYS[1])
 local node = redis.call('HGETALL', KEYS[2])
 if #tree == 0 or #node == 0 then return {{}, {}, 0} end
+if KEYS[4] and not TERMINAL[field_of(node, 'status')] then
+  redis.call('ZADD', KEYS[4], now_ms(), ARGV[2])
+end
 local set = {}
 if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
   set = {'deliveries', num(field_of(node, 'deliveries')) + 1}
