@@ -26,9 +26,10 @@ from tasktree.store import Store
 log = logging.getLogger(__name__)
 
 Claim = tuple[str, str, str, str]  # tree, node, step, token
-RECEIPT_BATCH = 0.02  # seconds the beat thread gathers received messages before listing them
 Member = tuple[str, str]  # queue, live index member
 Held = Callable[[], set[Member]]
+
+RECEIPT_BATCH = 0.02  # seconds the beat thread gathers received messages before listing them
 
 
 class Leases:

@@ -114,6 +114,7 @@ def test_a_delegation_sends_the_children_the_store_holds_whichever_run_decided(
     first = NodeRun(store, settings, tid, "0", "w", model).run_node(root.request(tid))
     again = NodeRun(store, settings, tid, "0", "w", model).run_node(root.request(tid))
     stored = [n.request(tid) for n in store.tree(tid).nodes if n.parent_id == "0"]
-    assert isinstance(first, Delegate) and isinstance(again, Delegate)
+    assert isinstance(first, Delegate)
+    assert isinstance(again, Delegate)
     assert len(stored) == 3
     assert first.children == stored == again.children

@@ -118,5 +118,6 @@ def test_delivery_tags_are_unique_across_threads_and_a_forked_child(redis_url) -
     os.waitpid(pid, 0)
     child = os.read(read, 200).decode()
     parent = channel._next_delivery_tag()
-    assert child.split("-")[0] != parent.split("-")[0] and child not in tags
+    assert child.split("-")[0] != parent.split("-")[0]
+    assert child not in tags
     conn.release()

@@ -197,10 +197,10 @@ class NodeTask(Task):
 
     `Task.replace` hands the task's id, chord membership, callbacks and chain to the new
     signature, sends it, then raises Ignore, and Celery builds traceback info for it twice
-    (file stats included): a tenth of a delegating task's CPU. Here the hand-over and the
-    send are Celery's own; then the task stops being a member of anything, so its normal
-    return acknowledges the message and counts toward no chord (the replacement does), and
-    Flower sees it succeed instead of staying started."""
+    (file stats included): 7.5 % of a worker's samples over a 156-node tree. Here the
+    hand-over and the send are Celery's own; then the task stops being a member of anything,
+    so its normal return acknowledges the message and counts toward no chord (the
+    replacement does), and Flower sees it succeed instead of staying started."""
 
     def on_replace(self, sig: Any) -> Any:
         if self.request.is_eager:
