@@ -461,10 +461,6 @@ class Store:
         tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id), keys.events(tree_id)]
         self.script("wait", tree_keys, [node_id, why, time.time()])
 
-    def run_started(self, queue: str, member: str) -> None:
-        """List a received message in its queue's live index, scored now (Redis's clock)."""
-        self.script("live", [keys.live(queue), keys.node_of_live_member(member)], [member])
-
     def synthesis_due(self, tree_id: str, node_id: str) -> str | None:
         """Once `node_id` closed outside its parent's chord: for the one caller that should
         send the parent's synthesis (every sibling closed, none sent it yet), the tree's
@@ -478,9 +474,6 @@ class Store:
         return None if due in (None, "", 0) else str(due)
 
     # -- reads --------------------------------------------------------------------------
-
-    def node_hash(self, tree_id: str, node_id: str) -> dict[str, str]:
-        return self.call(lambda: self.r.hgetall(keys.node(tree_id, node_id)))
 
     def node(self, tree_id: str, node_id: str) -> Node:
         h = self.call(lambda: self.r.hgetall(keys.node(tree_id, node_id)))

@@ -11,6 +11,7 @@ from typing import Any
 import fakeredis
 import pytest
 
+from tasktree import keys
 from tasktree.control import Control
 from tasktree.models import TreeSpec
 from tasktree.settings import load
@@ -129,10 +130,10 @@ def test_reservations_count_against_every_envelope_on_the_chain(store: Store) ->
     store.decide(tid, "0", "delegate", "r", subs(3), [], "w")  # 100 each
     g = store.gate(tid, "0.1", "execute", "a", "executing", "w", (1000, 10, 0.0, 0.0))
     assert (g.verdict, g.detail) == ("OK", "90")
-    chain = [store.node_hash(tid, n) for n in ("0.1", "0")]
+    chain = [store.r.hgetall(keys.node(tid, n)) for n in ("0.1", "0")]
     assert [h.get("held_tokens") for h in chain] == ["100", "100"]
     store.release(tid, "0.1", "execute", "a")  # the call failed: its reservation goes back
-    chain = [store.node_hash(tid, n) for n in ("0.1", "0")]
+    chain = [store.r.hgetall(keys.node(tid, n)) for n in ("0.1", "0")]
     assert [h.get("held_tokens") for h in chain] == ["0", "0"]
 
 

@@ -451,7 +451,7 @@ def test_lost_node_message_is_re_driven(client, start_workers) -> None:
     tree = client.wait(tid)  # the root's message was never sent at all
     assert tree.status == "completed"
     assert len(tree.nodes) == 3
-    assert client.store.node_hash(tid, "0").get("redriven_at")
+    assert client.store.r.hget(keys.node(tid, "0"), "redriven_at")
 
 
 def test_a_child_sent_outside_its_chord_triggers_its_parents_synthesis(

@@ -423,8 +423,7 @@ def test_a_message_stops_being_live_when_its_heartbeat_is_a_lease_old(store: Sto
     beating = keys.live_member(tid, "0", "node", "tag-1")
     ended = keys.live_member(tid, "0", "synthesis", "tag-2")
     released = keys.live_member(tid, "0", "node", "tag-3")
-    for member in (beating, ended, released):
-        store.run_started(q, member)
+    store.renew([], {q: [beating, ended, released]}, [], 15)  # listed on receipt
     assert recovery.dead_runs(lease_seconds=60) == []  # beat just now
     released_ = [(q, released), (q, ended)]
     assert store.renew([], {q: [beating]}, released_, 15) == 0  # no claims to extend
@@ -530,7 +529,6 @@ def test_the_heartbeat_lists_held_runs_of_open_nodes_only(store: Store) -> None:
     live = keys.live("q")
     member = keys.live_member(tid, "0", "node", "tag-1")
     gone = keys.live_member("0123456789abcdef", "0", "node", "tag-2")
-    store.run_started("q", member)
     store.renew([], {"q": [member, gone]}, [], 15.0)
     assert store.r.zrange(live, 0, -1) == [member]  # a deleted tree's run is not listed
     store.finish(tid, "0", "completed", result="done")
