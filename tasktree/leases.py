@@ -166,11 +166,11 @@ class Leases:
                     else:
                         self._stop.wait(RECEIPT_BATCH)  # a fan-out's messages come together
                         self.list_received()
-                except StoreError as e:  # Redis away: the next beat tries again
-                    log.warning("could not renew leases (%s); trying again", e)
+                except Exception as e:  # the heartbeat outlives any one failure (logged)
+                    if self._stop.is_set():
+                        return  # the worker is leaving, and Redis may be gone before it
+                    trace = not isinstance(e, StoreError)  # Redis away is no bug: one line
+                    log.warning("could not renew leases (%s); trying again", e, exc_info=trace)
                     self._stop.wait(1.0)  # not a busy loop on every message received
-                except Exception:  # the heartbeat outlives any one failure (logged)
-                    log.warning("could not renew leases; trying again", exc_info=True)
-                    self._stop.wait(1.0)
 
         threading.Thread(target=loop, name="tasktree-leases", daemon=True).start()
