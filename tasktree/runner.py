@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from tasktree import agent, keys
 from tasktree.errors import FencedError, LLMError, NotFoundError, StoreError, TransientLLMError
@@ -20,13 +20,20 @@ from tasktree.models import Reply
 from tasktree.proto import TaskRequest
 from tasktree.settings import OFFLINE_MODEL, Settings
 from tasktree.states import NODE_TERMINAL, NodeStatus, Step, TreeStatus, Verdict
-from tasktree.store import Gate, Store
+from tasktree.store import CallRecord, Gate, Store
 from tasktree.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
 #: How often a node that starts after its siblings looks whether they are done (seconds).
 AFTER_POLL = 1.0
+
+#: The steps whose one call's reply is the node's result: the call is recorded by the finish
+#: that stores it, in one round trip.
+STORED_WITH_CALL = frozenset({Step.EXECUTE, Step.SYNTHESIZE})
+
+#: The decision of a node at the depth limit (reason, notes): no call decides it.
+BY_DEPTH = ("depth limit reached", ["depth limit: decision call skipped"])
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class NodeRun:
         self.tree: dict[str, str] = {}
         self.node: dict[str, str] = {}
         self.children: list[TaskRequest] = []  # of the delegation this run stored
+        self.unrecorded: CallRecord | None = None  # a call whose reply finish stores
+        self.undecided = False  # at the depth limit: the execute gate stores the decision
         self._complete = complete
         self.leases = leases
         self.tracing = tracing
@@ -121,11 +130,18 @@ class NodeRun:
         running = step.running
         model = self.settings.model_for(step, self.tree.get("model") or None)
         reserve = self._reservation(model, messages)
+        by_depth = BY_DEPTH if step == Step.EXECUTE and self.undecided else None
         gate = self.store.gate(
-            self.tree_id, self.node_id, step, self.token, running, self.worker, reserve
+            self.tree_id, self.node_id, step, self.token, running, self.worker, reserve, by_depth
         )
         if gate.verdict != Verdict.OK:
             raise GateRefused(gate, step)
+        if by_depth:
+            self.undecided = False
+            self.node.update(decision="execute", children="")
+            log.info(
+                "tree %s node %s decided execute (%s)", self.tree_id, self.node_id, BY_DEPTH[0]
+            )
         cap = int(float(gate.detail or 0))  # the completion cap the budget left fits
         self.calls += 1
         call_id = f"{self.token}:{self.calls}"
@@ -162,9 +178,7 @@ class NodeRun:
                 self.leases.drop(self.tree_id, self.node_id, step, self.token)
             if slot is not None:
                 self._free(model, call_id, outcome, slot)
-        recorded = self.store.record_call(
-            self.tree_id,
-            self.node_id,
+        rec = CallRecord(
             step,
             reply.model,
             reply.prompt_tokens,
@@ -176,16 +190,26 @@ class NodeRun:
             call_id=call_id,
             text=reply.text,
         )
+        if step in STORED_WITH_CALL:
+            self.unrecorded = rec  # finish records it with the node's result, in one script
+        else:
+            self._record(rec)
+        return reply
+
+    def _record(self, rec: CallRecord) -> None:
+        recorded = self.store.record(self.tree_id, self.node_id, rec)
         if recorded == -1:
             raise NotFoundError(f"tree {self.tree_id} no longer exists (the store was reset?)")
         if recorded == 2:
-            log.warning(
-                "tree %s node %s: this run lost its claim during the call; usage kept as waste",
-                self.tree_id,
-                self.node_id,
-            )
-            raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
-        return reply
+            self._fenced_call()
+
+    def _fenced_call(self) -> NoReturn:
+        log.warning(
+            "tree %s node %s: this run lost its claim during the call; usage kept as waste",
+            self.tree_id,
+            self.node_id,
+        )
+        raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
 
     def _ask(
         self, step: Step, model: str, messages: list[dict[str, str]], json_mode: bool, cap: int
@@ -240,12 +264,28 @@ class NodeRun:
         return Reply(kept[n], self.node.get("model", ""), 0, 0, 0.0, True, 0.0)
 
     def finish(self, status: NodeStatus, **kw: Any) -> Done:
+        call = self.unrecorded
+        if call is not None and call.step != kw.get("step", Step.EXECUTE):
+            self.unrecorded = None
+            self._record(call)  # not the step this closes: recorded on its own
+            call = None
         closed = self.store.finish(
-            self.tree_id, self.node_id, status, worker=self.worker, token=self.token, **kw
+            self.tree_id,
+            self.node_id,
+            status,
+            worker=self.worker,
+            token=self.token,
+            call=call,
+            **kw,
         )
+        self.unrecorded = None
         self.ended = closed == "OK"  # closing the node ended this run too
         if closed == "FENCED":
+            if call is not None:
+                self._fenced_call()
             raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
+        if closed == "MISSING":
+            return Done("missing", error="no such node")
         if self.ended and self.tracing is not OFF:
             self._trace_node()
         why = kw.get("error") or kw.get("note") or ""
@@ -282,7 +322,13 @@ class NodeRun:
         try:
             with self.tracing.run(self.tree_id, self.node_id, kind):
                 return self._checked(body, step, open_runs)
+        except StoreError:
+            self.unrecorded = None  # Redis is away: nothing can be recorded now
+            raise
         finally:
+            if self.unrecorded is not None:  # paid for, no outcome stored: kept for a replay
+                call, self.unrecorded = self.unrecorded, None
+                self.store.record(self.tree_id, self.node_id, call)
             if not self.ended:
                 self._end_run()
 
@@ -347,6 +393,8 @@ class NodeRun:
             return Retry(0.2, reason="decided by another run: follow its decision")
         if verdict == Verdict.MISSING:
             return Done("missing", error="no such node")
+        if verdict == Verdict.UNDECIDED:  # the next run reads the raised limit and decides
+            return Retry(0.0, reason="depth limit raised: decide first")
         if verdict == Verdict.INTERRUPTED:  # the node stays open; `resume` runs it again
             return Done(TreeStatus.INTERRUPTED)
         if refused.step == Step.SYNTHESIZE:
@@ -381,8 +429,11 @@ class NodeRun:
         if isinstance(ready, Retry):
             return ready
         persona, task = request.persona_prompt, request.task_instructions
-        if "decision" not in self.node:
-            answered = self._decide(persona, task, int(self.node.get("depth", request.depth)))
+        depth = int(self.node.get("depth", request.depth))
+        if "decision" not in self.node and depth >= int(self.tree["max_depth"]):
+            self.undecided = True  # no call decides: the execute gate stores the decision
+        elif "decision" not in self.node:
+            answered = self._decide(persona, task, depth)
             if answered is not None:
                 return answered
         if self.node.get("status") in NODE_TERMINAL:
@@ -413,20 +464,16 @@ class NodeRun:
         """Decide and store the decision (or take the one stored first) into `self.node`;
         Done when single-call mode answered in the same call."""
         tree = self.tree
-        if depth >= int(tree["max_depth"]):
-            skipped = ["depth limit: decision call skipped"]
-            plan = agent.Plan("execute", "depth limit reached", notes=skipped)
-        else:
-            plan = agent.decide(
-                self.call,
-                persona,
-                task,
-                max_children=int(tree["max_children"]),
-                persona_limit=self.settings.max_persona_chars,
-                task_limit=self.settings.max_task_chars,
-                single_call=tree.get("single_call") == "1",
-                lineage=lambda: self._lineage(persona, task),
-            )
+        plan = agent.decide(
+            self.call,
+            persona,
+            task,
+            max_children=int(tree["max_children"]),
+            persona_limit=self.settings.max_persona_chars,
+            task_limit=self.settings.max_task_chars,
+            single_call=tree.get("single_call") == "1",
+            lineage=lambda: self._lineage(persona, task),
+        )
         decision, children, fresh = self.store.decide(
             self.tree_id,
             self.node_id,

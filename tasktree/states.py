@@ -60,6 +60,7 @@ class Verdict(StrEnum):
     INTERRUPTED = "INTERRUPTED"
     EXHAUSTED = "EXHAUSTED"  # a token or cost budget is spent
     MISSING = "MISSING"  # no such node
+    UNDECIDED = "UNDECIDED"  # the depth limit was raised: the node must decide first
 
 
 NODE_TERMINAL = frozenset(

@@ -55,6 +55,37 @@ class Decided(NamedTuple):
     fresh: bool
 
 
+class CallRecord(NamedTuple):
+    """One model call's usage and reply, as record_call (and finish, with it) store them."""
+
+    step: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    cost_known: bool
+    latency: float
+    token: str = ""
+    call_id: str = ""
+    text: str = ""
+
+    def args(self, node_id: str) -> list[Any]:
+        """The scripts' arguments: the call id made unique in its tree by the node's id."""
+        call = f"{node_id}:{self.call_id or secrets.token_hex(8)}"
+        return [
+            self.step,
+            self.model,
+            self.prompt_tokens,
+            self.completion_tokens,
+            repr(float(self.cost_usd)),
+            "0" if self.cost_known else "1",
+            repr(float(self.latency)),
+            self.token,
+            self.text,
+            call,
+        ]
+
+
 @dataclass(frozen=True)
 class Gate:
     """The answer of the gate before an LLM call."""
@@ -224,11 +255,14 @@ class Store:
         running_status: str,
         worker: str,
         reserve: tuple[int, int, float, float] = (0, 0, 0.0, 0.0),
+        by_depth: tuple[str, list[str]] | None = None,
     ) -> Gate:
         """Atomically: cancelled? budget left? step already done? claim the step for `token`.
         `reserve` (completion cap, prompt tokens, USD per input and output token): with a
         token or cost budget, the call's worst case is reserved and the verdict's detail is
-        the cap that fits ("0": nothing reserved)."""
+        the cap that fits ("0": nothing reserved). `by_depth` (reason, notes): the execute
+        gate of an undecided node at the depth limit stores its decision to execute, in the
+        same round trip (UNDECIDED if the limit was raised since)."""
         lease_ms = int(self.settings.lease_seconds * 1000)
         res = self.script(
             "gate",
@@ -238,7 +272,10 @@ class Store:
                 keys.claim(tree_id, node_id, step),
                 keys.events(tree_id),
             ],
-            [node_id, step, token, lease_ms, running_status, time.time(), worker, *reserve],
+            [
+                *(node_id, step, token, lease_ms, running_status, time.time(), worker, *reserve),
+                *((by_depth[0], json.dumps(by_depth[1])) if by_depth else ()),
+            ],
         )
         return Gate(res[0], res[1] if len(res) > 1 else "")
 
@@ -295,27 +332,20 @@ class Store:
         """Add one model call's usage to its node and tree, once per `call_id`, if `token` still
         holds the step's claim (else as waste), and keep its `text` until the step's outcome is
         stored. Returns 1, 0 (already), 2 (waste), -1 (no tree)."""
-        call = f"{node_id}:{call_id or secrets.token_hex(8)}"
+        usage = (prompt_tokens, completion_tokens, cost_usd, cost_known, latency)
+        return self.record(tree_id, node_id, CallRecord(step, model, *usage, token, call_id, text))
+
+    def record(self, tree_id: str, node_id: str, rec: CallRecord) -> int:
+        """record_call, from a CallRecord."""
         res = self.script(
             "record",
             [
                 keys.tree(tree_id),
                 keys.node(tree_id, node_id),
-                keys.claim(tree_id, node_id, step),
+                keys.claim(tree_id, node_id, rec.step),
                 keys.calls(tree_id),
             ],
-            [
-                step,
-                model,
-                prompt_tokens,
-                completion_tokens,
-                repr(float(cost_usd)),
-                "0" if cost_known else "1",
-                repr(float(latency)),
-                token,
-                text,
-                call,
-            ],
+            rec.args(node_id),
         )
         return int(res)
 
@@ -367,9 +397,12 @@ class Store:
         step: str = "execute",
         context_keys: list[str] | None = None,
         token: str = "",
+        call: CallRecord | None = None,
     ) -> str:
         """Close a node once; returns OK, ALREADY, SKIPPED, FENCED or MISSING. With `token`
-        (the run's), the run that closed it also ends (no separate end_run)."""
+        (the run's), the run that closed it also ends (no separate end_run). With `call` (of
+        the same step), the call whose reply this stores is recorded first, in the same
+        script; a call that lost its claim is recorded as waste and closes nothing (FENCED)."""
         limit = self.settings.max_result_chars
         if len(result) > limit:
             result = result[:limit]
@@ -397,6 +430,7 @@ class Store:
                 json.dumps(context_keys) if context_keys else "",
                 token,
                 *keys.prefixes(tree_id),
+                *(call.args(node_id) if call else ()),
             ],
         )
         return str(res[0])
@@ -415,26 +449,36 @@ class Store:
         were extended."""
         ms = int(lease_seconds * 1000)
 
-        def renew() -> list[Any]:
+        def renew(loaded: bool = False) -> list[Any]:
             pipe = self.r.pipeline(transaction=False)
             for tree_id, node_id, step, token in claims:
-                self._scripts["renew"](
-                    keys=[keys.claim(tree_id, node_id, step)], args=[token, ms], client=pipe
-                )
+                self._pipe_script(pipe, "renew", [keys.claim(tree_id, node_id, step)], [token, ms])
             for model, tokens in (slots or {}).items():
-                self._scripts["reslot"](keys=[keys.slots(model)], args=[ms, *tokens], client=pipe)
+                self._pipe_script(pipe, "reslot", [keys.slots(model)], [ms, *tokens])
             for queue, members in held.items():
                 live = [keys.live(queue), *map(keys.node_of_live_member, members)]
-                self._scripts["live"](keys=live, args=members, client=pipe)
+                self._pipe_script(pipe, "live", live, members)
             gone: dict[str, list[str]] = {}
             for queue, member in released:
                 gone.setdefault(queue, []).append(member)
             for queue, members in gone.items():
                 pipe.zrem(keys.live(queue), *members)
-            replies: list[Any] = pipe.execute()
+            try:
+                replies: list[Any] = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if loaded:
+                    raise
+                for name in ("renew", "reslot", "live"):  # Redis lost its scripts (a restart):
+                    self.r.script_load(self._scripts[name].script)  # load them and beat again
+                replies = renew(loaded=True)  # (each part of a beat is safe to repeat)
             return replies
 
         return sum(int(x) for x in self.call(renew)[: len(claims)])
+
+    def _pipe_script(self, pipe: Any, name: str, keys_: list[str], args: list[Any]) -> None:
+        """A script call in a pipeline by its SHA alone: redis-py would ask SCRIPT EXISTS first
+        on every execute; a Redis that lost its scripts answers NOSCRIPT instead."""
+        pipe.evalsha(self._scripts[name].sha, len(keys_), *keys_, *args)
 
     def take_slot(self, model: str, token: str, limit: Limit) -> tuple[str, float] | None:
         """A slot for one call of `model` under its shared limit (and any cut a 429 made):

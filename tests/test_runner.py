@@ -46,8 +46,10 @@ def run(store: Store, tid: str, model: Model):
 def test_a_run_killed_after_recording_a_call_is_replayed_not_paid_again(
     store: Store, monkeypatch, depth: int, dies_in: str, paid_first: list, paid_next: list
 ) -> None:
-    """Killed between recording a paid call and storing the step's outcome (a leaf's result,
-    a decision): the next run replays the kept reply instead of calling the model again."""
+    """Stopped between paying for a call and storing the step's outcome: a decision's call is
+    recorded at once, so a run killed before its decide script is replayed from the kept reply;
+    a leaf's call is recorded by the finish that stores its result, so a run whose finish fails
+    records the call on its way out and the next run replays it. Neither pays again."""
     tid = store.create_tree(TreeSpec.build(store.settings, "Name one colour.", max_depth=depth))
     real = getattr(Store, dies_in)
 

@@ -18,7 +18,7 @@ from tasktree.models import TreeSpec
 from tasktree.recovery import Recovery
 from tasktree.settings import load
 from tasktree.states import NodeStatus, Step, TreeStatus, lua_prelude
-from tasktree.store import Gate, Store
+from tasktree.store import CallRecord, Gate, Store
 
 
 @pytest.fixture
@@ -401,6 +401,71 @@ def test_a_late_reply_after_the_step_was_finished_by_another_run_is_waste(store:
     assert (node.calls, node.waste_calls) == (1, 1)
 
 
+def test_finish_records_the_call_whose_reply_it_stores_in_the_same_script(store: Store) -> None:
+    tid = store.create_tree(spec(max_depth=0))
+    assert store.gate(tid, "0", "execute", "t", "executing", "w").verdict == "OK"
+    call = CallRecord("execute", "m", 10, 5, 0.25, True, 0.3, token="t", call_id="t:1", text="x")
+    assert store.finish(tid, "0", "completed", result="x", token="t", call=call) == "OK"
+    node, tree = store.node(tid, "0"), store.tree(tid, with_nodes=False)
+    assert (node.calls, node.tokens, node.cost_usd, node.lat_execute) == (1, 15, 0.25, 0.3)
+    assert (node.status, tree.status, tree.tokens, tree.cost_usd) == (
+        "completed",
+        "completed",
+        15,
+        0.25,
+    )
+    assert not [f for f in store.r.hkeys(keys.node(tid, "0")) if f.startswith("kept_")]
+    # Sent again (its reply lost in a timeout): the call counts once and the node stays closed.
+    assert store.finish(tid, "0", "completed", result="x", token="t", call=call) == "ALREADY"
+    assert store.node(tid, "0").calls == 1
+
+
+def test_finish_with_a_call_that_lost_its_claim_records_waste_and_closes_nothing(
+    store: Store,
+) -> None:
+    tid = store.create_tree(spec(max_depth=0))
+    store.gate(tid, "0", "execute", "frozen", "executing", "w1")
+    store.r.delete(keys.claim(tid, "0", "execute"))  # its lease ran out while it was frozen
+    store.gate(tid, "0", "execute", "alive", "executing", "w2")
+    late = CallRecord("execute", "m", 10, 5, 0.0, True, 0.1, token="frozen", call_id="f:1")
+    assert store.finish(tid, "0", "completed", result="late", token="frozen", call=late) == "FENCED"
+    node = store.node(tid, "0")
+    assert (node.status, node.calls, node.waste_calls, node.result) == ("executing", 0, 1, "")
+
+
+def test_the_execute_gate_of_a_node_at_the_depth_limit_stores_its_decision(store: Store) -> None:
+    tid = store.create_tree(spec(max_depth=0))
+    why = ("depth limit reached", ["depth limit: decision call skipped"])
+    assert store.gate(tid, "0", "execute", "t", "executing", "w", by_depth=why).verdict == "OK"
+    node = store.node(tid, "0")
+    assert (node.decision, node.reason, node.notes, node.status) == (
+        "execute",
+        "depth limit reached",
+        ["depth limit: decision call skipped"],
+        "executing",
+    )
+    events = [e for _, e in store.events(tid)][2:]
+    assert [(e.get("note"), e.get("decision"), e["status"]) for e in events] == [
+        ("depth limit: decision call skipped", None, "queued"),
+        (None, "execute", "queued"),
+        (None, None, "executing"),
+    ]
+
+
+def test_the_depth_gate_sends_a_node_to_decide_when_its_limit_was_raised(store: Store) -> None:
+    tid = store.create_tree(spec(max_depth=0))
+    store.r.hset(keys.tree(tid), "max_depth", 1)  # `budget --add-depth` since the run began
+    why = ("depth limit reached", ["depth limit: decision call skipped"])
+    gate = store.gate(tid, "0", "execute", "t", "executing", "w", by_depth=why)
+    assert gate.verdict == "UNDECIDED"
+    node = store.node(tid, "0")
+    assert (node.decision, node.status) == ("", "queued")
+    assert not store.r.exists(keys.claim(tid, "0", "execute"))
+    store.decide(tid, "0", "delegate", "broad", subs(2), [], "w")  # as the next run does
+    gate = store.gate(tid, "0", "execute", "t", "executing", "w", by_depth=why)
+    assert gate.verdict == "DONE"  # another run delegated it: nothing to execute
+
+
 def test_begin_end_and_create_apply_once_when_sent_again(store: Store) -> None:
     """redis-py re-sends a command whose reply timed out; Redis may have run the first one."""
     tid = store.create_tree(spec())
@@ -453,6 +518,11 @@ def test_the_heartbeat_lists_what_the_process_holds_and_drops_what_it_let_go(
     leases.start_run(q, quick)
     leases.renew_once()
     assert store.r.zrange(keys.live(q), 0, -1) == [b]
+    # Redis restarted and lost its scripts: the beat loads them and beats.
+    store.r.script_flush()
+    held.add((q, a))
+    leases.renew_once()
+    assert sorted(store.r.zrange(keys.live(q), 0, -1)) == sorted([a, b])
 
 
 def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it() -> None:

@@ -140,3 +140,59 @@ local function unreserve(tree_key, node_key, step, token)
   redis.call('HDEL', node_key, 'resv_' .. step)
   if envelopes_on(tree_key) then chain_add(node_key, 'held_tokens', 'held_cost', -num(t), -num(c)) end
 end
+
+-- A model call's usage, added to its node and tree once (per call id), for the claim holder.
+-- a: step, model, prompt_tokens, completion_tokens, cost_usd, cost_unknown (0/1), latency,
+--    token, text, call id. With `keep`, the reply is also kept in the node (`kept_<step>`, a
+-- JSON list in call order) until the step's outcome is stored, so a run that dies in between
+-- is replayed, not paid for again; a caller that stores the outcome in the same script keeps
+-- nothing. Returns 1 recorded; 0 already recorded (the script was sent again); 2 recorded as
+-- waste (the call's attempt had lost its claim to another); -1 no such tree or node.
+-- Each hash is read once and written once: the counters are summed here (exact for integers).
+local function record_call(tree_key, node_key, claim_key, calls_key, a, keep)
+  local step, token = a[1], a[8]
+  local resv, kept_f, lat_f = 'resv_' .. step, 'kept_' .. step, 'lat_' .. step
+  local n = fields(node_key, 'decision', resv, 'waiting', kept_f, lat_f, 'calls',
+    'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens', 'status')
+  local t = fields(tree_key, 'envelopes', 'calls', 'prompt_tokens', 'completion_tokens',
+    'waste_calls', 'waste_tokens', 'status')
+  if not n.status or not t.status then return -1 end
+  if redis.call('SADD', calls_key, a[10]) == 0 then return 0 end
+  inherit_ttl(tree_key, calls_key, t.status)
+  if n[resv] then unreserve(tree_key, node_key, step, token) end  -- usage replaces the worst case
+  if n.waiting then redis.call('HDEL', node_key, 'waiting') end
+  local holder = redis.call('GET', claim_key)
+  local prompt, completion = num(a[3]), num(a[4])
+  local tokens, cost = prompt + completion, num(a[5])
+  -- Late: another run holds the step now, or already finished it (the claim is gone then).
+  local done = TERMINAL[n.status] or (step == 'decide' and n.decision)
+  if (holder and holder ~= token) or done then
+    for _, h in ipairs({{node_key, n}, {tree_key, t}}) do
+      local f = h[2]
+      redis.call('HSET', h[1], 'waste_calls', num(f.waste_calls) + 1,
+        'waste_tokens', num(f.waste_tokens) + tokens)
+      if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'waste_cost_usd', a[5]) end
+    end
+    return 2
+  end
+  for _, h in ipairs({{node_key, n}, {tree_key, t}}) do
+    local f = h[2]
+    local set = {'calls', num(f.calls) + 1, 'prompt_tokens', num(f.prompt_tokens) + prompt,
+      'completion_tokens', num(f.completion_tokens) + completion}
+    if a[6] == '1' then table.insert(set, 'cost_unknown'); table.insert(set, '1') end
+    if h[1] == node_key then
+      for _, v in ipairs({'model', a[2], lat_f, tostring(num(n[lat_f]) + num(a[7]))}) do
+        table.insert(set, v)
+      end
+      if keep then
+        local kept = cjson.decode(n[kept_f] or '[]')
+        table.insert(kept, a[9])
+        table.insert(set, kept_f); table.insert(set, cjson.encode(kept))
+      end
+    end
+    redis.call('HSET', h[1], unpack(set))
+    if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'cost_usd', a[5]) end
+  end
+  if t.envelopes == '1' then chain_add(node_key, 'sub_tokens', 'sub_cost', tokens, cost) end
+  return 1
+end

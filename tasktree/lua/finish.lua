@@ -3,8 +3,16 @@
 -- ARGV: node_id, status, result, error, now, worker, only_if (required current status, or ''), note, context_keys JSON,
 --       token (the run's: the claim of the step this closes, or '' when no run is behind it),
 --       node key prefix, runs key prefix (for the retention of the tree's keys when it ends)
--- The run that closes the node also ends there (its token leaves the node's open runs).
+--       [, the model call whose reply this stores: record_call's 10 arguments (_lib.lua)]
+-- The run that closes the node also ends there (its token leaves the node's open runs). With
+-- a call, the call is recorded first, in the same script: a call that lost its claim is
+-- recorded as waste and closes nothing (FENCED).
 local node_id, status, now, token = ARGV[1], ARGV[2], ARGV[5], ARGV[10]
+if ARGV[13] then
+  local recorded = record_call(KEYS[1], KEYS[2], KEYS[4], KEYS[7], {unpack(ARGV, 13, 22)}, false)
+  if recorded == -1 then return {'MISSING'} end
+  if recorded == 2 then return {'FENCED', ''} end
+end
 local n = fields(KEYS[2], 'started_at', 'notes', 'resv_decide', 'resv_execute',
   'resv_synthesize', 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting', 'status')
 local t = fields(KEYS[1], 'events_maxlen', 'done', status, 'status')

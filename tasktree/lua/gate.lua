@@ -2,22 +2,29 @@
 -- KEYS: tree, node, claim, events
 -- ARGV: node_id, step, token, lease_ms, running_status, now, worker,
 --       completion cap (0: reserve nothing), prompt tokens, USD per input token, per output token
+--       [, reason, notes JSON: an undecided node at the depth limit decides to execute here]
 -- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
 -- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
-local n = fields(KEYS[2], 'decision', 'resv_' .. step, 'retry_at', 'started_at', 'status')
+local n = fields(KEYS[2], 'decision', 'resv_' .. step, 'retry_at', 'started_at', 'depth', 'status')
 local status = n.status
 if not status then return {'MISSING'} end
 if TERMINAL[status] then return {'DONE'} end
 if step == 'decide' and n.decision then return {'DONE'} end
 local t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
-  'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes', 'events_maxlen', 'status')
-local tstatus = t[10]
+  'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes', 'events_maxlen',
+  'max_depth', 'status')
+local tstatus = t[11]
 MAXLEN[KEYS[1]] = t[9] or '10000'
 if tstatus == 'interrupted' then return {'INTERRUPTED'} end
 if tstatus ~= 'running' then return {'CANCELLED'} end
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
+-- A node at the depth limit has no decision call: its execute gate stores the decision. If the
+-- limit was raised since its run read it, it decides like any other node (UNDECIDED).
+local by_depth = ARGV[12] and not n.decision
+if by_depth and num(n.depth) < num(t[10]) then return {'UNDECIDED'} end
+if ARGV[12] and n.decision and n.decision ~= 'execute' then return {'DONE'} end
 if n['resv_' .. step] then  -- left by a run that lost this step's claim
   unreserve(KEYS[1], KEYS[2], step, nil)
   t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
@@ -59,12 +66,23 @@ else
 end
 redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
 if n.retry_at then redis.call('HDEL', KEYS[2], 'retry_at') end
-if status == ARGV[5] then
-  redis.call('HSET', KEYS[2], 'call_at', ARGV[6])
-else
-  local set = {'call_at', ARGV[6], 'status', ARGV[5], 'worker', ARGV[7]}
+local set = {'call_at', ARGV[6]}
+if by_depth then
+  for _, v in ipairs({'decision', 'execute', 'reason', ARGV[12], 'children', '', 'notes', ARGV[13]}) do
+    table.insert(set, v)
+  end
+  for _, note in ipairs(cjson.decode(ARGV[13])) do
+    emit(KEYS[1], KEYS[4], 'node', node_id, 'status', status, 'note', note, 'ts', ARGV[6])
+  end
+  emit(KEYS[1], KEYS[4], 'node', node_id, 'status', status, 'decision', 'execute',
+    'children', '0', 'worker', ARGV[7], 'ts', ARGV[6])
+end
+if status ~= ARGV[5] then
+  for _, v in ipairs({'status', ARGV[5], 'worker', ARGV[7]}) do table.insert(set, v) end
   if not n.started_at then table.insert(set, 'started_at'); table.insert(set, ARGV[6]) end
-  redis.call('HSET', KEYS[2], unpack(set))
+end
+redis.call('HSET', KEYS[2], unpack(set))
+if status ~= ARGV[5] then
   emit(KEYS[1], KEYS[4], 'node', node_id, 'status', ARGV[5], 'worker', ARGV[7], 'ts', ARGV[6])
 end
 return {'OK', tostring(cap)}
