@@ -199,9 +199,12 @@ class NodeRun:
     def _record(self, rec: CallRecord) -> None:
         recorded = self.store.record(self.tree_id, self.node_id, rec)
         if recorded == -1:
-            raise NotFoundError(f"tree {self.tree_id} no longer exists (the store was reset?)")
+            raise self._gone()
         if recorded == 2:
             self._fenced_call()
+
+    def _gone(self) -> NotFoundError:
+        return NotFoundError(f"tree {self.tree_id} no longer exists (the store was reset?)")
 
     def _fenced_call(self) -> NoReturn:
         log.warning(
@@ -285,6 +288,8 @@ class NodeRun:
                 self._fenced_call()
             raise FencedError(f"node {self.node_id}: the step's claim passed to another run")
         if closed == "MISSING":
+            if call is not None:  # its call was paid for: say why it is dropped
+                raise self._gone()
             return Done("missing", error="no such node")
         if self.ended and self.tracing is not OFF:
             self._trace_node()
