@@ -212,7 +212,8 @@ def event_line(event_id: str, ev: dict[str, str]) -> str:
     node = ev.get("node")
     if "decision" in ev:
         into = f" into {ev.get('children')} sub-tasks" if ev["decision"] == "delegate" else ""
-        return f"{ts} node {node} decided {ev['decision']}{into}"
+        why = f" ({ev['note']})" if ev.get("note") else ""
+        return f"{ts} node {node} decided {ev['decision']}{into}{why}"
     if "failed_calls" in ev:
         wait = max(0.0, float(ev.get("retry_at") or 0) - ms / 1000)
         why = ev.get("error", "")

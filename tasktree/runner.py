@@ -32,8 +32,8 @@ AFTER_POLL = 1.0
 #: that stores it, in one round trip.
 STORED_WITH_CALL = frozenset({Step.EXECUTE, Step.SYNTHESIZE})
 
-#: The decision of a node at the depth limit (reason, notes): no call decides it.
-BY_DEPTH = ("depth limit reached", ["depth limit: decision call skipped"])
+#: The decision of a node at the depth limit (reason, note): no call decides it.
+BY_DEPTH = ("depth limit reached", "depth limit: decision call skipped")
 
 
 @dataclass(frozen=True)

@@ -255,12 +255,12 @@ class Store:
         running_status: str,
         worker: str,
         reserve: tuple[int, int, float, float] = (0, 0, 0.0, 0.0),
-        by_depth: tuple[str, list[str]] | None = None,
+        by_depth: tuple[str, str] | None = None,
     ) -> Gate:
         """Atomically: cancelled? budget left? step already done? claim the step for `token`.
         `reserve` (completion cap, prompt tokens, USD per input and output token): with a
         token or cost budget, the call's worst case is reserved and the verdict's detail is
-        the cap that fits ("0": nothing reserved). `by_depth` (reason, notes): the execute
+        the cap that fits ("0": nothing reserved). `by_depth` (reason, note): the execute
         gate of an undecided node at the depth limit stores its decision to execute, in the
         same round trip (UNDECIDED if the limit was raised since)."""
         lease_ms = int(self.settings.lease_seconds * 1000)
@@ -274,7 +274,7 @@ class Store:
             ],
             [
                 *(node_id, step, token, lease_ms, running_status, time.time(), worker, *reserve),
-                *((by_depth[0], json.dumps(by_depth[1])) if by_depth else ()),
+                *(by_depth or ()),
             ],
         )
         return Gate(res[0], res[1] if len(res) > 1 else "")

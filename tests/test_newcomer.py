@@ -156,6 +156,9 @@ def test_event_lines_are_in_order(emb) -> None:
         decided = next(i for i, m in enumerate(mine) if m.startswith("decided"))
         assert mine[0] == "queued", mine
         assert deciding < decided, mine
+    leaf = [line.split(" node 0.1.1 ", 1)[1] for line in events if " node 0.1.1 " in line]
+    assert leaf[:2] == ["queued", "decided execute (depth limit: decision call skipped)"], leaf
+    assert leaf[2].startswith("executing"), leaf
 
 
 def test_the_python_api_runs_the_readme_example(emb) -> None:

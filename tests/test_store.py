@@ -435,7 +435,7 @@ def test_finish_with_a_call_that_lost_its_claim_records_waste_and_closes_nothing
 
 def test_the_execute_gate_of_a_node_at_the_depth_limit_stores_its_decision(store: Store) -> None:
     tid = store.create_tree(spec(max_depth=0))
-    why = ("depth limit reached", ["depth limit: decision call skipped"])
+    why = ("depth limit reached", "depth limit: decision call skipped")
     assert store.gate(tid, "0", "execute", "t", "executing", "w", by_depth=why).verdict == "OK"
     node = store.node(tid, "0")
     assert (node.decision, node.reason, node.notes, node.status) == (
@@ -445,9 +445,8 @@ def test_the_execute_gate_of_a_node_at_the_depth_limit_stores_its_decision(store
         "executing",
     )
     events = [e for _, e in store.events(tid)][2:]
-    assert [(e.get("note"), e.get("decision"), e["status"]) for e in events] == [
-        ("depth limit: decision call skipped", None, "queued"),
-        (None, "execute", "queued"),
+    assert [(e.get("decision"), e.get("note"), e["status"]) for e in events] == [
+        ("execute", "depth limit: decision call skipped", "queued"),
         (None, None, "executing"),
     ]
 
@@ -455,7 +454,7 @@ def test_the_execute_gate_of_a_node_at_the_depth_limit_stores_its_decision(store
 def test_the_depth_gate_sends_a_node_to_decide_when_its_limit_was_raised(store: Store) -> None:
     tid = store.create_tree(spec(max_depth=0))
     store.r.hset(keys.tree(tid), "max_depth", 1)  # `budget --add-depth` since the run began
-    why = ("depth limit reached", ["depth limit: decision call skipped"])
+    why = ("depth limit reached", "depth limit: decision call skipped")
     gate = store.gate(tid, "0", "execute", "t", "executing", "w", by_depth=why)
     assert gate.verdict == "UNDECIDED"
     node = store.node(tid, "0")

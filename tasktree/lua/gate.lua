@@ -2,7 +2,7 @@
 -- KEYS: tree, node, claim, events
 -- ARGV: node_id, step, token, lease_ms, running_status, now, worker,
 --       completion cap (0: reserve nothing), prompt tokens, USD per input token, per output token
---       [, reason, notes JSON: an undecided node at the depth limit decides to execute here]
+--       [, reason, note: an undecided node at the depth limit decides to execute here]
 -- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
 -- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
@@ -67,15 +67,13 @@ end
 redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
 if n.retry_at then redis.call('HDEL', KEYS[2], 'retry_at') end
 local set = {'call_at', ARGV[6]}
-if by_depth then
-  for _, v in ipairs({'decision', 'execute', 'reason', ARGV[12], 'children', '', 'notes', ARGV[13]}) do
+if by_depth then  -- one event says the decision and why no call made it
+  local notes = cjson.encode({ARGV[13]})
+  for _, v in ipairs({'decision', 'execute', 'reason', ARGV[12], 'children', '', 'notes', notes}) do
     table.insert(set, v)
   end
-  for _, note in ipairs(cjson.decode(ARGV[13])) do
-    emit(KEYS[1], KEYS[4], 'node', node_id, 'status', status, 'note', note, 'ts', ARGV[6])
-  end
   emit(KEYS[1], KEYS[4], 'node', node_id, 'status', status, 'decision', 'execute',
-    'children', '0', 'worker', ARGV[7], 'ts', ARGV[6])
+    'children', '0', 'note', ARGV[13], 'worker', ARGV[7], 'ts', ARGV[6])
 end
 if status ~= ARGV[5] then
   for _, v in ipairs({'status', ARGV[5], 'worker', ARGV[7]}) do table.insert(set, v) end
