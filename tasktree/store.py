@@ -430,7 +430,7 @@ class Store:
                 json.dumps(context_keys) if context_keys else "",
                 token,
                 *keys.prefixes(tree_id),
-                *(call.args(node_id) if call else ()),
+                *(call._replace(text="").args(node_id) if call else ()),  # nothing to keep
             ],
         )
         return str(res[0])
