@@ -178,18 +178,7 @@ class NodeRun:
                 self.leases.drop(self.tree_id, self.node_id, step, self.token)
             if slot is not None:
                 self._free(model, call_id, outcome, slot)
-        rec = CallRecord(
-            step,
-            reply.model,
-            reply.prompt_tokens,
-            reply.completion_tokens,
-            reply.cost_usd,
-            reply.cost_known,
-            reply.latency,
-            token=self.token,
-            call_id=call_id,
-            text=reply.text,
-        )
+        rec = CallRecord(step, reply, self.token, call_id)
         if step in STORED_WITH_CALL:
             self.unrecorded = rec  # finish records it with the node's result, in one script
         else:

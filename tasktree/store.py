@@ -17,7 +17,7 @@ from tasktree.connection import connect
 from tasktree.errors import FencedError, NotFoundError, StoreError
 from tasktree.keys import check_tree_id, new_tree_id
 from tasktree.limits import Limit
-from tasktree.models import Node, Tree, TreeSpec
+from tasktree.models import Node, Reply, Tree, TreeSpec
 from tasktree.scrub import Scrubber
 from tasktree.settings import Settings
 from tasktree.states import TreeStatus, lua_prelude
@@ -56,34 +56,22 @@ class Decided(NamedTuple):
 
 
 class CallRecord(NamedTuple):
-    """One model call's usage and reply, as record_call (and finish, with it) store them."""
+    """One model call of a step as record_call (and finish, with it) store it: its reply and
+    usage, the token of the run that made it, and the call's id within that run."""
 
     step: str
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    cost_known: bool
-    latency: float
+    reply: Reply
     token: str = ""
     call_id: str = ""
-    text: str = ""
 
-    def args(self, node_id: str) -> list[Any]:
-        """The scripts' arguments: the call id made unique in its tree by the node's id."""
-        call = f"{node_id}:{self.call_id or secrets.token_hex(8)}"
-        return [
-            self.step,
-            self.model,
-            self.prompt_tokens,
-            self.completion_tokens,
-            repr(float(self.cost_usd)),
-            "0" if self.cost_known else "1",
-            repr(float(self.latency)),
-            self.token,
-            self.text,
-            call,
-        ]
+    def args(self, node_id: str, keep: bool = True) -> list[Any]:
+        """The scripts' arguments (the reply's text only to `keep` it): the call id is made
+        unique in its tree by the node's id."""
+        r, call = self.reply, f"{node_id}:{self.call_id or secrets.token_hex(8)}"
+        known = "0" if r.cost_known else "1"
+        usage = [r.prompt_tokens, r.completion_tokens, repr(float(r.cost_usd)), known]
+        text = r.text if keep else ""
+        return [self.step, r.model, *usage, repr(float(r.latency)), self.token, text, call]
 
 
 @dataclass(frozen=True)
@@ -333,7 +321,8 @@ class Store:
         holds the step's claim (else as waste), and keep its `text` until the step's outcome is
         stored. Returns 1, 0 (already), 2 (waste), -1 (no tree)."""
         usage = (prompt_tokens, completion_tokens, cost_usd, cost_known, latency)
-        return self.record(tree_id, node_id, CallRecord(step, model, *usage, token, call_id, text))
+        reply = Reply(text, model, *usage)
+        return self.record(tree_id, node_id, CallRecord(step, reply, token, call_id))
 
     def record(self, tree_id: str, node_id: str, rec: CallRecord) -> int:
         """record_call, from a CallRecord."""
@@ -430,7 +419,7 @@ class Store:
                 json.dumps(context_keys) if context_keys else "",
                 token,
                 *keys.prefixes(tree_id),
-                *(call._replace(text="").args(node_id) if call else ()),  # nothing to keep
+                *(call.args(node_id, keep=False) if call else ()),
             ],
         )
         return str(res[0])

@@ -14,7 +14,7 @@ from tasktree.connection import connect
 from tasktree.control import Control
 from tasktree.errors import FencedError, InputError
 from tasktree.keys import check_node_id, check_tree_id
-from tasktree.models import TreeSpec
+from tasktree.models import Reply, TreeSpec
 from tasktree.recovery import Recovery
 from tasktree.settings import load
 from tasktree.states import NodeStatus, Step, TreeStatus, lua_prelude
@@ -404,7 +404,7 @@ def test_a_late_reply_after_the_step_was_finished_by_another_run_is_waste(store:
 def test_finish_records_the_call_whose_reply_it_stores_in_the_same_script(store: Store) -> None:
     tid = store.create_tree(spec(max_depth=0))
     assert store.gate(tid, "0", "execute", "t", "executing", "w").verdict == "OK"
-    call = CallRecord("execute", "m", 10, 5, 0.25, True, 0.3, token="t", call_id="t:1", text="x")
+    call = CallRecord("execute", Reply("x", "m", 10, 5, 0.25, True, 0.3), "t", "t:1")
     assert store.finish(tid, "0", "completed", result="x", token="t", call=call) == "OK"
     node, tree = store.node(tid, "0"), store.tree(tid, with_nodes=False)
     assert (node.calls, node.tokens, node.cost_usd, node.lat_execute) == (1, 15, 0.25, 0.3)
@@ -427,7 +427,7 @@ def test_finish_with_a_call_that_lost_its_claim_records_waste_and_closes_nothing
     store.gate(tid, "0", "execute", "frozen", "executing", "w1")
     store.r.delete(keys.claim(tid, "0", "execute"))  # its lease ran out while it was frozen
     store.gate(tid, "0", "execute", "alive", "executing", "w2")
-    late = CallRecord("execute", "m", 10, 5, 0.0, True, 0.1, token="frozen", call_id="f:1")
+    late = CallRecord("execute", Reply("late", "m", 10, 5, 0.0, True, 0.1), "frozen", "f:1")
     assert store.finish(tid, "0", "completed", result="late", token="frozen", call=late) == "FENCED"
     node = store.node(tid, "0")
     assert (node.status, node.calls, node.waste_calls, node.result) == ("executing", 0, 1, "")
