@@ -115,7 +115,6 @@ class NodeRun:
         self.node: dict[str, str] = {}
         self.children: list[TaskRequest] = []  # of the delegation this run stored
         self.unrecorded: CallRecord | None = None  # a call whose reply finish stores
-        self.undecided = False  # at the depth limit: the execute gate stores the decision
         self._complete = complete
         self.leases = leases
         self.tracing = tracing
@@ -130,14 +129,14 @@ class NodeRun:
         running = step.running
         model = self.settings.model_for(step, self.tree.get("model") or None)
         reserve = self._reservation(model, messages)
-        by_depth = BY_DEPTH if step == Step.EXECUTE and self.undecided else None
+        # Undecided when it executes: a node at the depth limit, whose gate stores the decision.
+        by_depth = BY_DEPTH if step == Step.EXECUTE and "decision" not in self.node else None
         gate = self.store.gate(
             self.tree_id, self.node_id, step, self.token, running, self.worker, reserve, by_depth
         )
         if gate.verdict != Verdict.OK:
             raise GateRefused(gate, step)
         if by_depth:
-            self.undecided = False
             self.node.update(decision="execute", children="")
             log.info(
                 "tree %s node %s decided execute (%s)", self.tree_id, self.node_id, BY_DEPTH[0]
@@ -424,9 +423,8 @@ class NodeRun:
             return ready
         persona, task = request.persona_prompt, request.task_instructions
         depth = int(self.node.get("depth", request.depth))
-        if "decision" not in self.node and depth >= int(self.tree["max_depth"]):
-            self.undecided = True  # no call decides: the execute gate stores the decision
-        elif "decision" not in self.node:
+        # At the depth limit no call decides: the execute gate stores the decision.
+        if "decision" not in self.node and depth < int(self.tree["max_depth"]):
             answered = self._decide(persona, task, depth)
             if answered is not None:
                 return answered

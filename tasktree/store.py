@@ -56,7 +56,7 @@ class Decided(NamedTuple):
 
 
 class CallRecord(NamedTuple):
-    """One model call of a step as record_call (and finish, with it) store it: its reply and
+    """One model call of a step as `record` (and `finish`, with it) store it: its reply and
     usage, the token of the run that made it, and the call's id within that run."""
 
     step: str
@@ -301,31 +301,10 @@ class Store:
         )
         return int(n)
 
-    def record_call(
-        self,
-        tree_id: str,
-        node_id: str,
-        step: str,
-        model: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cost_usd: float,
-        cost_known: bool,
-        latency: float,
-        *,
-        token: str = "",
-        call_id: str = "",
-        text: str = "",
-    ) -> int:
-        """Add one model call's usage to its node and tree, once per `call_id`, if `token` still
-        holds the step's claim (else as waste), and keep its `text` until the step's outcome is
-        stored. Returns 1, 0 (already), 2 (waste), -1 (no tree)."""
-        usage = (prompt_tokens, completion_tokens, cost_usd, cost_known, latency)
-        reply = Reply(text, model, *usage)
-        return self.record(tree_id, node_id, CallRecord(step, reply, token, call_id))
-
     def record(self, tree_id: str, node_id: str, rec: CallRecord) -> int:
-        """record_call, from a CallRecord."""
+        """Add one model call's usage to its node and tree, once per call id, if its token
+        still holds the step's claim (else as waste), and keep its reply until the step's
+        outcome is stored. Returns 1, 0 (already), 2 (waste), -1 (no tree)."""
         res = self.script(
             "record",
             [

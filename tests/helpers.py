@@ -14,6 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
+from tasktree.models import Reply
+from tasktree.store import CallRecord, Store
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -312,3 +315,26 @@ class Flower:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=15)
+
+
+def record_call(
+    store: Store,
+    tree_id: str,
+    node_id: str,
+    step: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost_usd: float,
+    cost_known: bool,
+    latency: float,
+    *,
+    token: str = "",
+    call_id: str = "",
+    text: str = "",
+) -> int:
+    """Record a model call's usage as a run does (Store.record); returns its code."""
+    usage = (prompt_tokens, completion_tokens, cost_usd, cost_known, latency)
+    return store.record(
+        tree_id, node_id, CallRecord(step, Reply(text, model, *usage), token, call_id)
+    )

@@ -16,6 +16,7 @@ from tasktree.control import Control
 from tasktree.models import TreeSpec
 from tasktree.settings import load
 from tasktree.store import Store
+from tests.helpers import record_call
 from tests.terminal import cli_json
 
 
@@ -43,7 +44,8 @@ def call(store: Store, tid: str, nid: str, tokens: int, cap: int = 100) -> tuple
     `tokens` (10 prompt + the rest completion); returns the gate's verdict and detail."""
     g = store.gate(tid, nid, "execute", f"t-{nid}", "executing", "w", (cap, 10, 0.0, 0.0))
     if g.verdict == "OK":
-        store.record_call(
+        record_call(
+            store,
             tid,
             nid,
             "execute",
@@ -143,7 +145,7 @@ def test_cost_envelopes_shrink_the_cap_like_tokens(store: Store) -> None:
     # 1e-4 USD per output token: 0.01 USD fits 100 tokens, minus the prompt's 10 * 1e-5.
     g = store.gate(tid, "0.1", "execute", "a", "executing", "w", (1000, 10, 1e-5, 1e-4))
     assert (g.verdict, g.detail) == ("OK", "99")
-    store.record_call(tid, "0.1", "execute", "m", 10, 99, 0.01, True, 0.1, token="a", call_id="a")
+    record_call(store, tid, "0.1", "execute", "m", 10, 99, 0.01, True, 0.1, token="a", call_id="a")
     g = store.gate(tid, "0.1", "execute", "a", "executing", "w", (1000, 10, 1e-5, 1e-4))
     assert (g.verdict, g.detail) == ("EXHAUSTED", "cost envelope")
 

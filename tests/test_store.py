@@ -19,6 +19,7 @@ from tasktree.recovery import Recovery
 from tasktree.settings import load
 from tasktree.states import NodeStatus, Step, TreeStatus, lua_prelude
 from tasktree.store import CallRecord, Gate, Store
+from tests.helpers import record_call
 
 
 @pytest.fixture
@@ -119,13 +120,13 @@ def test_gate_claims_once_and_reports_busy_done_cancelled(store: Store) -> None:
 def test_gate_stops_calls_when_cost_or_token_budget_is_spent(store: Store) -> None:
     tid = store.create_tree(spec(max_cost=0.01, max_tokens=1000))
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
-    store.record_call(tid, "0", "decide", "m", 100, 50, 0.004, True, 0.1, token="a")
+    record_call(store, tid, "0", "decide", "m", 100, 50, 0.004, True, 0.1, token="a")
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
-    store.record_call(tid, "0", "decide", "m", 100, 50, 0.007, True, 0.1, token="a")
+    record_call(store, tid, "0", "decide", "m", 100, 50, 0.007, True, 0.1, token="a")
     g = store.gate(tid, "0", "decide", "a", "deciding", "w")
     assert (g.verdict, g.detail) == ("EXHAUSTED", "cost budget")
     tid2 = store.create_tree(spec(max_tokens=100))
-    store.record_call(tid2, "0", "decide", "m", 80, 20, 0.0, False, 0.1)
+    record_call(store, tid2, "0", "decide", "m", 80, 20, 0.0, False, 0.1)
     g = store.gate(tid2, "0", "decide", "a", "deciding", "w")
     assert (g.verdict, g.detail) == ("EXHAUSTED", "token budget")
     tree = store.tree(tid2)
@@ -337,8 +338,8 @@ def test_a_run_that_lost_its_claim_is_fenced_and_its_usage_is_waste(store: Store
     store.r.delete(keys.claim(tid, "0", "execute"))  # its lease ran out while it was frozen
     assert store.gate(tid, "0", "execute", "alive", "executing", "w2").verdict == "OK"
     usage = ("execute", "m", 10, 5, 0.5, True, 0.1)
-    assert store.record_call(tid, "0", *usage, token="frozen", call_id="frozen:1") == 2
-    assert store.record_call(tid, "0", *usage, token="alive", call_id="alive:1") == 1
+    assert record_call(store, tid, "0", *usage, token="frozen", call_id="frozen:1") == 2
+    assert record_call(store, tid, "0", *usage, token="alive", call_id="alive:1") == 1
     assert store.finish(tid, "0", "completed", result="late", token="frozen") == "FENCED"
     assert store.finish(tid, "0", "completed", result="on time", token="alive") == "OK"
     node, tree = store.node(tid, "0"), store.tree(tid, with_nodes=False)
@@ -364,8 +365,8 @@ def test_a_decision_from_a_fenced_run_is_refused(store: Store) -> None:
 def test_a_call_is_recorded_once_when_its_script_is_sent_again(store: Store) -> None:
     tid = store.create_tree(spec())
     usage = ("decide", "m", 100, 50, 0.0, False, 0.2)
-    assert store.record_call(tid, "0", *usage, token="t", call_id="t:1") == 1
-    assert store.record_call(tid, "0", *usage, token="t", call_id="t:1") == 0  # a re-send
+    assert record_call(store, tid, "0", *usage, token="t", call_id="t:1") == 1
+    assert record_call(store, tid, "0", *usage, token="t", call_id="t:1") == 0  # a re-send
     assert store.node(tid, "0").calls == 1
     assert store.tree(tid, with_nodes=False).tokens == 150
 
@@ -381,7 +382,7 @@ def test_a_failed_call_counts_once_when_its_script_is_sent_again(store: Store) -
 def test_nothing_is_written_for_a_tree_that_no_longer_exists(store: Store) -> None:
     tid = store.create_tree(spec())
     store.r.flushall()  # Redis restarted without persistence
-    assert store.record_call(tid, "0", "execute", "m", 1, 1, 0.0, False, 0.1, token="t") == -1
+    assert record_call(store, tid, "0", "execute", "m", 1, 1, 0.0, False, 0.1, token="t") == -1
     store.end_run(tid, "0", "t")
     assert store.finish(tid, "0", "completed", result="x") == "MISSING"
     assert store.call_failed(tid, "0", "execute", "boom", 0.0) == -1
@@ -394,9 +395,9 @@ def test_a_late_reply_after_the_step_was_finished_by_another_run_is_waste(store:
     store.r.delete(keys.claim(tid, "0", "execute"))  # lease expired while frozen
     store.gate(tid, "0", "execute", "alive", "executing", "w2")
     usage = ("execute", "m", 10, 5, 0.0, False, 0.1)
-    assert store.record_call(tid, "0", *usage, token="alive", call_id="a:1") == 1
+    assert record_call(store, tid, "0", *usage, token="alive", call_id="a:1") == 1
     assert store.finish(tid, "0", "completed", result="done", token="alive") == "OK"
-    assert store.record_call(tid, "0", *usage, token="frozen", call_id="f:1") == 2  # no holder now
+    assert record_call(store, tid, "0", *usage, token="frozen", call_id="f:1") == 2  # no holder now
     node = store.node(tid, "0")
     assert (node.calls, node.waste_calls) == (1, 1)
 
@@ -530,7 +531,7 @@ def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it()
     tid = store.create_tree(spec())
     store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
     store.begin_run(tid, "0.1", "run-a")  # a run that never ends: its key stays
-    store.record_call(tid, "0.1", "decide", "m", 1, 1, 0.0, True, 0.1, call_id="c1")
+    record_call(store, tid, "0.1", "decide", "m", 1, 1, 0.0, True, 0.1, call_id="c1")
     store.finish(tid, "0.2", "completed", result="b")
     assert all(r.ttl(k) == -1 for k in r.keys(f"tasktree:{{{tid}}}:*"))  # running: kept
     store.finish(tid, "0", "completed", result="synth")
@@ -565,7 +566,7 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
         Gate("EXHAUSTED", "token budget")
     )
     # The call used 300 + 50: the reservation is replaced by the actual usage.
-    store.record_call(tid, "0.1", "execute", "m", 300, 50, 0.0, True, 0.1, token="a", call_id="1")
+    record_call(store, tid, "0.1", "execute", "m", 300, 50, 0.0, True, 0.1, token="a", call_id="1")
     assert reserved() == 0
     gate = store.gate(tid, "0.2", "execute", "b", "executing", "w", (100, 300, 0.0, 0.0))
     assert (gate.detail, reserved()) == ("100", 400)
