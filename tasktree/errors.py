@@ -1,5 +1,7 @@
 """One root error for tasktree; everything the user can cause is a TaskTreeError."""
 
+import logging
+
 
 class TaskTreeError(Exception):
     """Raised for any failure tasktree reports to its user as one line (exit status 2)."""
@@ -56,3 +58,9 @@ class WaitTimeout(TaskTreeError):
     """Raised when a tree is still running after the time a caller would wait for it."""
 
     exit_status = 1
+
+
+def log_loop_failure(log: logging.Logger, message: str, e: Exception, *args: object) -> None:
+    """A background loop's failed turn: one line while Redis is away (the next turn tries
+    again), with the traceback for anything else (a bug). `message` formats `e`, then args."""
+    log.warning(message, e, *args, exc_info=not isinstance(e, StoreError))

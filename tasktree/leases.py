@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from tasktree.errors import StoreError
+from tasktree.errors import StoreError, log_loop_failure
 from tasktree.store import Store
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,10 @@ class Leases:
                     else:
                         self._stop.wait(RECEIPT_BATCH)  # a fan-out's messages come together
                         self.list_received()
-                except Exception as e:  # the heartbeat outlives any one failure (logged)
+                except Exception as e:  # noqa: BLE001 - the heartbeat outlives any failure, logged
                     if self._stop.is_set():
                         return  # the worker is leaving, and Redis may be gone before it
-                    trace = not isinstance(e, StoreError)  # Redis away is no bug: one line
-                    log.warning("could not renew leases (%s); trying again", e, exc_info=trace)
+                    log_loop_failure(log, "could not renew leases (%s); trying again", e)
                     self._stop.wait(1.0)  # not a busy loop on every message received
 
         threading.Thread(target=loop, name="tasktree-leases", daemon=True).start()

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from tasktree import messages
-from tasktree.errors import NotFoundError, StoreError
+from tasktree.errors import NotFoundError, log_loop_failure
 from tasktree.recovery import Recovery
 from tasktree.states import TREE_IDLE, NodeStatus
 
@@ -89,11 +89,10 @@ def start(app: Any) -> threading.Event:
         while not stop.wait(interval):
             try:
                 sweep_once(app)
-            except Exception as e:  # the loop outlives any one failure (logged)
+            except Exception as e:  # noqa: BLE001 - the loop outlives any failure, logged
                 if stop.is_set():
                     return  # the worker is leaving, and Redis may be gone before it
-                trace = not isinstance(e, StoreError)  # Redis away is no bug: one line
-                log.warning("sweep failed (%s); trying again in %ss", e, interval, exc_info=trace)
+                log_loop_failure(log, "sweep failed (%s); trying again in %ss", e, interval)
 
     threading.Thread(target=loop, name="tasktree-sweeper", daemon=True).start()
     return stop
