@@ -172,14 +172,25 @@ class Store:
         """Remove every key of a tree and its index entries; returns what that freed. A run
         still working on it writes nothing afterwards: every script checks its tree first."""
 
+        # A run still at work may add nodes (a decision) while this lists them: the list is
+        # watched, and the delete is tried again on the longer list.
         def delete() -> Freed:
-            ids = self.r.lrange(keys.nodes(tree_id), 0, -1)
+            with self.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        return delete_listed(pipe)
+                    except redis.WatchError:
+                        continue
+
+        def delete_listed(pipe: Any) -> Freed:
+            pipe.watch(keys.nodes(tree_id))
+            ids = pipe.lrange(keys.nodes(tree_id), 0, -1)
             names = keys.of_tree(tree_id, ids or [keys.ROOT])
-            pipe = self.r.pipeline(transaction=False)
+            sizing = self.r.pipeline(transaction=False)  # one round trip, beside the watch
             for name in names:
-                pipe.memory_usage(name, samples=0)
-            sizes = pipe.execute(raise_on_error=False)  # a Redis without MEMORY counts 0
-            pipe = self.r.pipeline(transaction=True)
+                sizing.memory_usage(name, samples=0)
+            sizes = sizing.execute(raise_on_error=False)  # a Redis without MEMORY counts 0
+            pipe.multi()
             pipe.delete(*names)
             pipe.zrem(keys.TREES, tree_id)
             pipe.zrem(keys.RUNNING, tree_id)

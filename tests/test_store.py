@@ -201,6 +201,24 @@ def test_delete_tree_leaves_nothing(store: Store) -> None:
     assert store.r.keys("*") == []
 
 
+def test_delete_takes_the_nodes_a_decision_adds_while_it_lists_them(store, monkeypatch) -> None:
+    tid = store.create_tree(spec())
+    listed = []
+    of_tree = keys.of_tree
+
+    def decide_meanwhile(tree_id: str, ids: list[str]) -> list[str]:
+        listed.append(list(ids))
+        if len(listed) == 1:  # a worker stores the root's decision right after the listing
+            store.decide(tid, "0", "delegate", "broad", subs(2), [], "w")
+        return of_tree(tree_id, ids)
+
+    monkeypatch.setattr(keys, "of_tree", decide_meanwhile)
+    freed = store.delete_tree(tid)
+    assert listed == [["0"], ["0", "0.1", "0.2"]]  # the first try was abandoned
+    assert store.r.keys("*") == []
+    assert freed.keys > 4
+
+
 @pytest.mark.parametrize(
     "bad", ["", "zz", "0" * 15, "../etc", "1a20a2d82ab4e9cZ", "1a20a2d82ab4e9c0\n"]
 )
