@@ -69,6 +69,13 @@ def adapted(model: str) -> str:
     return f"{NAMESPACE}:limit:{model}:adapted"
 
 
+def freed(model: str) -> str:
+    """List: one entry per slot of a model freed, popped by the calls waiting for one (Redis
+    serves the longest waiter first); trimmed short and expiring, so stale entries cost at
+    most a retry of the slot."""
+    return f"{NAMESPACE}:limit:{model}:freed"
+
+
 TREE_ID_RE = re.compile(r"[0-9a-f]{16}")  # use fullmatch: `$` also matches before "\n"
 NODE_ID_RE = re.compile(r"0(\.[1-9][0-9]{0,3})*")
 

@@ -131,25 +131,30 @@ class NodeRun:
         reserve = self._reservation(model, messages)
         # Undecided when it executes: a node at the depth limit, whose gate stores the decision.
         by_depth = BY_DEPTH if step == Step.EXECUTE and "decision" not in self.node else None
-        gate = self.store.gate(
-            self.tree_id, self.node_id, step, self.token, running, self.worker, reserve, by_depth
-        )
-        if gate.verdict != Verdict.OK:
-            raise GateRefused(gate, step)
-        if by_depth:
-            self.node.update(decision="execute", children="")
-            log.info(
-                "tree %s node %s decided execute (%s)", self.tree_id, self.node_id, BY_DEPTH[0]
-            )
-        cap = int(float(gate.detail or 0))  # the completion cap the budget left fits
         self.calls += 1
         call_id = f"{self.token}:{self.calls}"
-        slot = self._slot(model, step, call_id)
-        log.info("tree %s node %s %s (%s)", self.tree_id, self.node_id, running, model)
-        if self.leases is not None:
-            self.leases.hold(self.tree_id, self.node_id, step, self.token)
+        # The slot first: a call that waited for one is gated after its wait, so a tree
+        # cancelled or a budget spent meanwhile stops it, and the wait holds no claim.
+        slot = self._slot(model, call_id)
         outcome = "0"  # for the model's shared limit: "200" answered, "429" rate limited
+        claimed = False
         try:
+            gate = self.store.gate(
+                *(self.tree_id, self.node_id, step, self.token),
+                *(running, self.worker, reserve, by_depth),
+            )
+            if gate.verdict != Verdict.OK:
+                raise GateRefused(gate, step)
+            if self.leases is not None:
+                self.leases.hold(self.tree_id, self.node_id, step, self.token)
+            claimed = True
+            if by_depth:
+                self.node.update(decision="execute", children="")
+                log.info(
+                    "tree %s node %s decided execute (%s)", self.tree_id, self.node_id, BY_DEPTH[0]
+                )
+            cap = int(float(gate.detail or 0))  # the completion cap the budget left fits
+            log.info("tree %s node %s %s (%s)", self.tree_id, self.node_id, running, model)
             with self.tracing.call(step, model) as span:
                 reply = span["reply"] = self._ask(step, model, messages, json_mode, cap)
             outcome = "200"
@@ -173,7 +178,7 @@ class NodeRun:
             self.store.release(self.tree_id, self.node_id, step, self.token)
             raise
         finally:
-            if self.leases is not None:
+            if claimed and self.leases is not None:
                 self.leases.drop(self.tree_id, self.node_id, step, self.token)
             if slot is not None:
                 self._free(model, call_id, outcome, slot)
@@ -220,23 +225,34 @@ class NodeRun:
         e = estimate(self.settings, model, messages)
         return (self.settings.max_completion_tokens, e.prompt_tokens, e.input_cost, e.output_cost)
 
-    def _slot(self, model: str, step: Step, call_id: str) -> Limit | None:
+    def _slot(self, model: str, call_id: str) -> Limit | None:
         """Take a slot under the model's limits shared by every worker (the offline model
-        with no limit configured needs none). Full: let the claim go and run again later,
-        holding no thread while waiting."""
+        with no limit configured needs none). Full: wait in this thread, woken as soon as
+        any worker frees a slot, for up to TASKTREE_LLM_LIMIT_WAIT; then run again later,
+        so a long wait holds no thread."""
         limit = self.settings.limit_for(model)
         if not limit and model == OFFLINE_MODEL:
             return None
-        full = self.store.take_slot(model, call_id, limit)
-        if full is None:
-            if self.leases is not None:
-                self.leases.hold_slot(model, call_id)
-            return limit
-        what, seconds = full
-        self.store.release(self.tree_id, self.node_id, step, self.token)
-        why = f"waiting for rate limit ({model}: {what}, {limit})"
-        self.store.note_waiting(self.tree_id, self.node_id, why)
-        raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
+        deadline = time.monotonic() + self.settings.llm_limit_wait
+        noted = False
+        while (full := self.store.take_slot(model, call_id, limit)) is not None:
+            what, seconds = full
+            why = f"waiting for rate limit ({model}: {what}, {limit})"
+            if not noted:
+                self.store.note_waiting(self.tree_id, self.node_id, why)
+                noted = True
+            left = deadline - time.monotonic()
+            if left <= 0 or (what == "rpm" and seconds > left):
+                raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
+            if what == "concurrency":
+                self.store.await_slot(model, left)  # at most 1 s
+            else:  # the minute's oldest call leaves the window in `seconds`
+                time.sleep(min(seconds, 1.0))
+            if self.store.stopped(self.tree_id, self.node_id):  # the next run ends it
+                raise RateLimited(f"{why}; stopped waiting: the node or its tree closed", 0.0)
+        if self.leases is not None:
+            self.leases.hold_slot(model, call_id)
+        return limit
 
     def _free(self, model: str, call_id: str, outcome: str, limit: Limit) -> None:
         if self.leases is not None:

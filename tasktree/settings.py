@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     llm_limits: str = ""  # per model, e.g. "openai/gpt-4o-mini=60rpm,8; anthropic/*=20"
     # How long a 429's cut of a model's concurrency lasts unrenewed.
     llm_limit_hold: float = Field(default=300.0, gt=0, le=86_400)
+    # How long a call waits in its thread for a slot of its model's shared limit, woken when
+    # one is freed; then its node is sent again later and the thread does other work.
+    llm_limit_wait: float = Field(default=30.0, ge=0, le=3600)
 
     # The offline model as a test and benchmark instrument.
     offline_latency: str = "0"  # seconds per call, or "LOW-HIGH" for a seeded random latency

@@ -20,7 +20,7 @@ from tasktree.limits import Limit
 from tasktree.models import Node, Reply, Tree, TreeSpec
 from tasktree.scrub import Scrubber
 from tasktree.settings import Settings
-from tasktree.states import TreeStatus, lua_prelude
+from tasktree.states import NODE_TERMINAL, TreeStatus, lua_prelude
 
 T = TypeVar("T")
 
@@ -475,9 +475,27 @@ class Store:
         hold_ms = int(self.settings.llm_limit_hold * 1000)
         self.script(
             "unslot",
-            [keys.slots(model), keys.adapted(model)],
+            [keys.slots(model), keys.adapted(model), keys.freed(model)],
             [token, outcome, hold_ms, limit.concurrency],
         )
+
+    def await_slot(self, model: str, seconds: float) -> None:
+        """Wait up to `seconds` (at most 1) for a slot of `model` to be freed by any worker."""
+        self.call(lambda: self.r.blpop([keys.freed(model)], timeout=max(0.01, min(seconds, 1.0))))
+
+    def stopped(self, tree_id: str, node_id: str) -> bool:
+        """Whether a node's run has nothing left to do: its tree no longer runs (cancelled,
+        interrupted, deleted) or the node closed."""
+
+        def read() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(keys.tree(tree_id), "status")
+            pipe.hget(keys.node(tree_id, node_id), "status")
+            replies: list[Any] = pipe.execute()
+            return replies
+
+        tree, node = self.call(read)
+        return tree != TreeStatus.RUNNING or node is None or node in NODE_TERMINAL
 
     def note_waiting(self, tree_id: str, node_id: str, why: str) -> None:
         """Say once, on the node and in its events, that its call waits for a shared limit."""

@@ -49,7 +49,18 @@ def test_concurrency_is_shared_and_a_freed_slot_is_taken_again(store: Store) -> 
     assert full is not None
     assert full[0] == "concurrency"
     store.free_slot(MODEL, "a", "200", limit)
+    assert store.r.lrange(keys.freed(MODEL), 0, -1) == ["1"]  # wakes one waiter
     assert store.take_slot(MODEL, "c", limit) is None
+    store.free_slot(MODEL, "a", "200", limit)  # sent again: nothing freed, nobody woken
+    assert store.r.llen(keys.freed(MODEL)) == 1
+    for token in map(str, range(40)):
+        store.free_slot(MODEL, token, "200", limit)  # never taken: frees nothing
+    assert store.r.llen(keys.freed(MODEL)) == 1
+    for token in map(str, range(40)):
+        assert store.take_slot(MODEL, token, Limit()) is None
+        store.free_slot(MODEL, token, "200", limit)
+    assert store.r.llen(keys.freed(MODEL)) == 16  # with nobody waiting, the list stays short
+    assert 0 < store.r.pttl(keys.freed(MODEL)) <= 10_000
 
 
 def test_calls_per_minute_say_how_long_to_wait(store: Store) -> None:
@@ -101,19 +112,62 @@ def test_two_workers_never_exceed_the_shared_limit(client, start_workers) -> Non
     notes = [e.get("note", "") for _, e in client.store.events(tid)]
     assert any(n.startswith(f"waiting for rate limit ({MODEL}: concurrency") for n in notes)
     assert all(not n.waiting for n in tree.nodes)
+    # Each waiting call was woken in its thread by a freed slot: no message was sent again
+    # (one run per node, and one more for a synthesis).
+    assert [n.id for n in tree.nodes if n.deliveries != 1 + bool(n.children)] == []
 
 
-def test_without_limits_a_provider_429_cuts_every_workers_calls(client, start_workers) -> None:
-    with RateLimitedProvider(capacity=3, latency=0.3) as provider:
-        env = {"TASKTREE_MODEL": MODEL, "TASKTREE_API_BASE": provider.url}
-        start_workers(2, extra_env={**env, "TASKTREE_API_KEY": "sk-test"})
+def test_a_call_that_waits_longer_than_the_limit_wait_is_sent_again(client, start_workers) -> None:
+    with RateLimitedProvider(capacity=2, latency=0.3) as provider:
+        env = {
+            "TASKTREE_MODEL": MODEL,
+            "TASKTREE_API_BASE": provider.url,
+            "TASKTREE_API_KEY": "sk-test",
+            "TASKTREE_LLM_CONCURRENCY": "2",
+            "TASKTREE_LLM_LIMIT_WAIT": "0",  # never wait in the thread
+        }
+        start_workers(1, extra_env=env)
         tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
         tree = client.wait(tid, timeout=100)
-        cap = client.store.r.hget(keys.adapted(MODEL), "cap")
     assert tree.status == "completed"
-    assert all(n.status == "completed" for n in tree.nodes)
-    assert provider.refused > 0
-    assert cap is not None  # the 429s cut the model's concurrency for both workers
+    assert provider.refused == 0
+    assert provider.most_in_flight == 2
+    assert any(n.deliveries > 1 + bool(n.children) for n in tree.nodes)  # sent again
+
+
+def test_a_call_waiting_for_a_slot_stops_when_its_tree_is_cancelled(
+    client, start_workers, r
+) -> None:
+    with RateLimitedProvider(capacity=1, latency=4.0) as provider:
+        env = {
+            "TASKTREE_MODEL": MODEL,
+            "TASKTREE_API_BASE": provider.url,
+            "TASKTREE_API_KEY": "sk-test",
+            "TASKTREE_LLM_CONCURRENCY": "1",  # the default wait for a slot: 30 s
+        }
+        start_workers(1, extra_env=env)
+        tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
+        deadline = time.monotonic() + 30
+        while len(waiting_for_a_slot(r)) < 3:  # one section's call runs, three wait
+            assert time.monotonic() < deadline, "the sections' calls did not wait for the limit"
+            time.sleep(0.1)
+        client.cancel(tid)
+        # The waiting calls stop while the one in flight still runs: they do not wait for
+        # its slot (or for 30 s) to learn that their tree is gone.
+        while True:
+            assert provider.in_flight == 1, "the waiting calls outlived the call in flight"
+            if not waiting_for_a_slot(r):
+                break
+            time.sleep(0.1)
+        tree = client.wait(tid, timeout=30)
+    assert tree.status == "cancelled"
+    assert provider.answered == 2  # the root's decision and the section's call in flight
+    assert all(n.terminal for n in tree.nodes)
+
+
+def waiting_for_a_slot(r) -> list[dict]:
+    """The clients blocked in a BLPOP: tasktree's calls waiting for a freed slot."""
+    return [c for c in r.client_list() if c["cmd"] == "blpop" and "b" in c["flags"]]
 
 
 def test_the_live_view_says_a_node_waits_for_its_models_limit() -> None:
