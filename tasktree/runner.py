@@ -241,6 +241,8 @@ class NodeRun:
             if not noted:
                 self.store.note_waiting(self.tree_id, self.node_id, why)
                 noted = True
+            elif self.store.stopped(self.tree_id, self.node_id):  # the next run ends it
+                raise RateLimited(f"{why}; stopped waiting: the node or its tree closed", 0.0)
             left = deadline - time.monotonic()
             if left <= 0 or (what == "rpm" and seconds > left):
                 raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
@@ -248,8 +250,6 @@ class NodeRun:
                 self.store.await_slot(model, left)  # at most 1 s
             else:  # the minute's oldest call leaves the window in `seconds`
                 time.sleep(min(seconds, 1.0))
-            if self.store.stopped(self.tree_id, self.node_id):  # the next run ends it
-                raise RateLimited(f"{why}; stopped waiting: the node or its tree closed", 0.0)
         if self.leases is not None:
             self.leases.hold_slot(model, call_id)
         return limit
