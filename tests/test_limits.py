@@ -61,6 +61,10 @@ def test_concurrency_is_shared_and_a_freed_slot_is_taken_again(store: Store) -> 
         store.free_slot(MODEL, token, "200", limit)
     assert store.r.llen(keys.freed(MODEL)) == 16  # with nobody waiting, the list stays short
     assert 0 < store.r.pttl(keys.freed(MODEL)) <= 10_000
+    store.r.delete(keys.freed(MODEL))
+    assert store.take_slot(MODEL, "u", Limit()) is None
+    store.free_slot(MODEL, "u", "200", Limit())  # no limit, no cut: nobody waits to be woken
+    assert not store.r.exists(keys.freed(MODEL))
 
 
 def test_calls_per_minute_say_how_long_to_wait(store: Store) -> None:
