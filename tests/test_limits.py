@@ -98,15 +98,19 @@ def test_a_429_halves_what_was_in_flight_and_answers_grow_it_back(store: Store) 
     assert store.r.hget(keys.adapted(MODEL), "cap") is None
 
 
+def limited(provider: RateLimitedProvider, concurrency: int) -> dict[str, str]:
+    """A worker's environment: the provider as its model, at most `concurrency` calls at once."""
+    return {
+        "TASKTREE_MODEL": MODEL,
+        "TASKTREE_API_BASE": provider.url,
+        "TASKTREE_API_KEY": "sk-test",
+        "TASKTREE_LLM_CONCURRENCY": str(concurrency),
+    }
+
+
 def test_two_workers_never_exceed_the_shared_limit(client, start_workers) -> None:
     with RateLimitedProvider(capacity=3, latency=0.3) as provider:
-        env = {
-            "TASKTREE_MODEL": MODEL,
-            "TASKTREE_API_BASE": provider.url,
-            "TASKTREE_API_KEY": "sk-test",
-            "TASKTREE_LLM_CONCURRENCY": "3",
-        }
-        start_workers(2, extra_env=env)
+        start_workers(2, extra_env=limited(provider, 3))
         tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
         tree = client.wait(tid, timeout=100)
     assert tree.status == "completed"
@@ -123,14 +127,8 @@ def test_two_workers_never_exceed_the_shared_limit(client, start_workers) -> Non
 
 def test_a_call_that_waits_longer_than_the_limit_wait_is_sent_again(client, start_workers) -> None:
     with RateLimitedProvider(capacity=2, latency=0.3) as provider:
-        env = {
-            "TASKTREE_MODEL": MODEL,
-            "TASKTREE_API_BASE": provider.url,
-            "TASKTREE_API_KEY": "sk-test",
-            "TASKTREE_LLM_CONCURRENCY": "2",
-            "TASKTREE_LLM_LIMIT_WAIT": "0",  # never wait in the thread
-        }
-        start_workers(1, extra_env=env)
+        never_wait = {"TASKTREE_LLM_LIMIT_WAIT": "0"}  # a full limit: sent again at once
+        start_workers(1, extra_env={**limited(provider, 2), **never_wait})
         tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
         tree = client.wait(tid, timeout=100)
     assert tree.status == "completed"
@@ -143,13 +141,7 @@ def test_a_call_waiting_for_a_slot_stops_when_its_tree_is_cancelled(
     client, start_workers, r
 ) -> None:
     with RateLimitedProvider(capacity=1, latency=4.0) as provider:
-        env = {
-            "TASKTREE_MODEL": MODEL,
-            "TASKTREE_API_BASE": provider.url,
-            "TASKTREE_API_KEY": "sk-test",
-            "TASKTREE_LLM_CONCURRENCY": "1",  # the default wait for a slot: 30 s
-        }
-        start_workers(1, extra_env=env)
+        start_workers(1, extra_env=limited(provider, 1))  # waits for a slot up to 30 s
         tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
         deadline = time.monotonic() + 30
         while len(waiting_for_a_slot(r)) < 3:  # one section's call runs, three wait
