@@ -137,7 +137,6 @@ class NodeRun:
         # cancelled or a budget spent meanwhile stops it, and the wait holds no claim.
         slot = self._slot(model, call_id)
         outcome = "0"  # for the model's shared limit: "200" answered, "429" rate limited
-        claimed = False
         try:
             gate = self.store.gate(
                 *(self.tree_id, self.node_id, step, self.token),
@@ -147,7 +146,6 @@ class NodeRun:
                 raise GateRefused(gate, step)
             if self.leases is not None:
                 self.leases.hold(self.tree_id, self.node_id, step, self.token)
-            claimed = True
             if by_depth:
                 self.node.update(decision="execute", children="")
                 log.info(
@@ -178,7 +176,7 @@ class NodeRun:
             self.store.release(self.tree_id, self.node_id, step, self.token)
             raise
         finally:
-            if claimed and self.leases is not None:
+            if self.leases is not None:  # a claim never held is not there to drop
                 self.leases.drop(self.tree_id, self.node_id, step, self.token)
             if slot is not None:
                 self._free(model, call_id, outcome, slot)

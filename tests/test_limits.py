@@ -125,6 +125,19 @@ def test_two_workers_never_exceed_the_shared_limit(client, start_workers) -> Non
     assert [n.id for n in tree.nodes if n.deliveries != 1 + bool(n.children)] == []
 
 
+def test_without_limits_a_provider_429_cuts_every_workers_calls(client, start_workers) -> None:
+    with RateLimitedProvider(capacity=3, latency=0.3) as provider:
+        env = {"TASKTREE_MODEL": MODEL, "TASKTREE_API_BASE": provider.url}
+        start_workers(2, extra_env={**env, "TASKTREE_API_KEY": "sk-test"})
+        tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
+        tree = client.wait(tid, timeout=100)
+        cap = client.store.r.hget(keys.adapted(MODEL), "cap")
+    assert tree.status == "completed"
+    assert all(n.status == "completed" for n in tree.nodes)
+    assert provider.refused > 0
+    assert cap is not None  # the 429s cut the model's concurrency for both workers
+
+
 def test_a_call_that_waits_longer_than_the_limit_wait_is_sent_again(client, start_workers) -> None:
     with RateLimitedProvider(capacity=2, latency=0.3) as provider:
         never_wait = {"TASKTREE_LLM_LIMIT_WAIT": "0"}  # a full limit: sent again at once
