@@ -149,50 +149,93 @@ end
 -- nothing. Returns 1 recorded; 0 already recorded (the script was sent again); 2 recorded as
 -- waste (the call's attempt had lost its claim to another); -1 no such tree or node.
 -- Each hash is read once and written once: the counters are summed here (exact for integers).
-local function record_call(tree_key, node_key, claim_key, calls_key, a, keep)
+
+-- The fields count_call reads of the node and of the tree, for a call of `step` (before
+-- 'status', which the caller adds last).
+local function call_fields(step)
+  return {'decision', 'resv_' .. step, 'waiting', 'kept_' .. step, 'lat_' .. step, 'calls',
+    'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens'},
+    {'envelopes', 'calls', 'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens'}
+end
+
+local function put(list, ...)
+  for _, v in ipairs({...}) do table.insert(list, v) end
+end
+
+-- Count the call into `nset` and `tset` (field, value lists the caller HSETs on the node and
+-- the tree) from `n` and `t` (read with call_fields) and `holder` (the step's claim): the
+-- caller writes each hash once, with whatever else it stores there.
+local function count_call(tree_key, node_key, calls_key, a, keep, n, t, holder, nset, tset)
   local step, token = a[1], a[8]
   local resv, kept_f, lat_f = 'resv_' .. step, 'kept_' .. step, 'lat_' .. step
-  local n = fields(node_key, 'decision', resv, 'waiting', kept_f, lat_f, 'calls',
-    'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens', 'status')
-  local t = fields(tree_key, 'envelopes', 'calls', 'prompt_tokens', 'completion_tokens',
-    'waste_calls', 'waste_tokens', 'status')
-  if not n.status or not t.status then return -1 end
   if redis.call('SADD', calls_key, a[10]) == 0 then return 0 end
   inherit_ttl(tree_key, calls_key, t.status)
-  if n[resv] then unreserve(tree_key, node_key, step, token) end  -- usage replaces the worst case
-  if n.waiting then redis.call('HDEL', node_key, 'waiting') end
-  local holder = redis.call('GET', claim_key)
+  if n[resv] then  -- usage replaces the worst case
+    unreserve(tree_key, node_key, step, token)
+    n[resv] = nil
+  end
+  if n.waiting then
+    redis.call('HDEL', node_key, 'waiting')
+    n.waiting = nil
+  end
   local prompt, completion = num(a[3]), num(a[4])
   local tokens, cost = prompt + completion, num(a[5])
   -- Late: another run holds the step now, or already finished it (the claim is gone then).
   local done = TERMINAL[n.status] or (step == 'decide' and n.decision)
   if (holder and holder ~= token) or done then
-    for _, h in ipairs({{node_key, n}, {tree_key, t}}) do
+    for _, h in ipairs({{node_key, n, nset}, {tree_key, t, tset}}) do
       local f = h[2]
-      redis.call('HSET', h[1], 'waste_calls', num(f.waste_calls) + 1,
-        'waste_tokens', num(f.waste_tokens) + tokens)
+      put(h[3], 'waste_calls', num(f.waste_calls) + 1, 'waste_tokens', num(f.waste_tokens) + tokens)
       if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'waste_cost_usd', a[5]) end
     end
     return 2
   end
-  for _, h in ipairs({{node_key, n}, {tree_key, t}}) do
-    local f = h[2]
-    local set = {'calls', num(f.calls) + 1, 'prompt_tokens', num(f.prompt_tokens) + prompt,
-      'completion_tokens', num(f.completion_tokens) + completion}
-    if a[6] == '1' then table.insert(set, 'cost_unknown'); table.insert(set, '1') end
+  for _, h in ipairs({{node_key, n, nset}, {tree_key, t, tset}}) do
+    local f, set = h[2], h[3]
+    put(set, 'calls', num(f.calls) + 1, 'prompt_tokens', num(f.prompt_tokens) + prompt,
+      'completion_tokens', num(f.completion_tokens) + completion)
+    if a[6] == '1' then put(set, 'cost_unknown', '1') end
     if h[1] == node_key then
-      for _, v in ipairs({'model', a[2], lat_f, tostring(num(n[lat_f]) + num(a[7]))}) do
-        table.insert(set, v)
-      end
+      put(set, 'model', a[2], lat_f, tostring(num(n[lat_f]) + num(a[7])))
       if keep then
         local kept = cjson.decode(n[kept_f] or '[]')
         table.insert(kept, a[9])
-        table.insert(set, kept_f); table.insert(set, cjson.encode(kept))
+        put(set, kept_f, cjson.encode(kept))
       end
     end
-    redis.call('HSET', h[1], unpack(set))
     if cost ~= 0 then redis.call('HINCRBYFLOAT', h[1], 'cost_usd', a[5]) end
   end
   if t.envelopes == '1' then chain_add(node_key, 'sub_tokens', 'sub_cost', tokens, cost) end
   return 1
+end
+
+-- Write a field, value list to a hash (nothing when it is empty).
+local function hset(key, set)
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+end
+
+-- Read the node's and the tree's fields in one HMGET each: `extra_n`, `extra_t` and what
+-- count_call needs for a call of `step` (none without), 'status' last.
+local function read_for_call(tree_key, node_key, step, extra_n, extra_t)
+  local nf, tf = {}, {}
+  for _, f in ipairs(extra_n) do table.insert(nf, f) end
+  for _, f in ipairs(extra_t) do table.insert(tf, f) end
+  if step then
+    local cn, ct = call_fields(step)
+    for _, f in ipairs(cn) do table.insert(nf, f) end
+    for _, f in ipairs(ct) do table.insert(tf, f) end
+  end
+  table.insert(nf, 'status'); table.insert(tf, 'status')
+  return fields(node_key, unpack(nf)), fields(tree_key, unpack(tf))
+end
+
+local function record_call(tree_key, node_key, claim_key, calls_key, a, keep)
+  local n, t = read_for_call(tree_key, node_key, a[1], {}, {})
+  if not n.status or not t.status then return -1 end
+  local nset, tset = {}, {}
+  local r = count_call(tree_key, node_key, calls_key, a, keep, n, t,
+    redis.call('GET', claim_key), nset, tset)
+  hset(node_key, nset)
+  hset(tree_key, tset)
+  return r
 end

@@ -5,37 +5,44 @@
 --       node key prefix, runs key prefix (for the retention of the tree's keys when it ends)
 --       [, the model call whose reply this stores: record_call's 10 arguments (_lib.lua)]
 -- The run that closes the node also ends there (its token leaves the node's open runs). With
--- a call, the call is recorded first, in the same script: a call that lost its claim is
--- recorded as waste and closes nothing (FENCED).
+-- a call, the call is recorded in the same script, with the same reads and writes of the node
+-- and the tree: a call that lost its claim is recorded as waste and closes nothing (FENCED).
 local node_id, status, now, token = ARGV[1], ARGV[2], ARGV[5], ARGV[10]
-if ARGV[13] then
-  local recorded = record_call(KEYS[1], KEYS[2], KEYS[4], KEYS[7], {unpack(ARGV, 13, 22)}, false)
-  if recorded == -1 then return {'MISSING'} end
-  if recorded == 2 then return {'FENCED', ''} end
-end
-local n = fields(KEYS[2], 'started_at', 'notes', 'resv_decide', 'resv_execute',
-  'resv_synthesize', 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting', 'status')
-local t = fields(KEYS[1], 'events_maxlen', 'done', status, 'status')
+local call = ARGV[13] and {unpack(ARGV, 13, 22)}
+local n, t = read_for_call(KEYS[1], KEYS[2], call and call[1],
+  {'started_at', 'notes', 'resv_decide', 'resv_execute', 'resv_synthesize', 'kept_decide',
+    'kept_execute', 'kept_synthesize', 'waiting'},
+  {'events_maxlen', 'done', status})
 local cur = n.status
 if not cur or not t.status then return {'MISSING'} end
-if TERMINAL[cur] then return {'ALREADY', cur} end
-if token ~= '' then
-  local holder = redis.call('GET', KEYS[4])
-  if holder and holder ~= token then return {'FENCED', cur} end
+local holder = redis.call('GET', KEYS[4])
+local set, counts = {}, {}  -- what the node and the tree get, each in one HSET
+if call then
+  if count_call(KEYS[1], KEYS[2], KEYS[7], call, false, n, t, holder, set, counts) == 2 then
+    hset(KEYS[2], set)
+    hset(KEYS[1], counts)
+    return {'FENCED', ''}
+  end
 end
-if ARGV[7] ~= '' and cur ~= ARGV[7] then return {'SKIPPED', cur} end
+local function written(reply)
+  hset(KEYS[2], set)
+  hset(KEYS[1], counts)
+  return reply
+end
+if TERMINAL[cur] then return written({'ALREADY', cur}) end
+if token ~= '' and holder and holder ~= token then return written({'FENCED', cur}) end
+if ARGV[7] ~= '' and cur ~= ARGV[7] then return written({'SKIPPED', cur}) end
 MAXLEN[KEYS[1]] = t.events_maxlen or '10000'
-local set = {'status', status, 'finished_at', now}
-local function put(field, value) table.insert(set, field); table.insert(set, value) end
-if ARGV[3] ~= '' then put('result', ARGV[3]) end
-if ARGV[4] ~= '' then put('error', ARGV[4]) end
-if ARGV[6] ~= '' then put('worker', ARGV[6]) end
-if ARGV[9] ~= '' then put('context_keys', ARGV[9]) end
-if not n.started_at then put('started_at', now) end
+put(set, 'status', status, 'finished_at', now)
+if ARGV[3] ~= '' then put(set, 'result', ARGV[3]) end
+if ARGV[4] ~= '' then put(set, 'error', ARGV[4]) end
+if ARGV[6] ~= '' then put(set, 'worker', ARGV[6]) end
+if ARGV[9] ~= '' then put(set, 'context_keys', ARGV[9]) end
+if not n.started_at then put(set, 'started_at', now) end
 if ARGV[8] ~= '' then
   local notes = cjson.decode(n.notes or '[]')
   table.insert(notes, ARGV[8])
-  put('notes', cjson.encode(notes))
+  put(set, 'notes', cjson.encode(notes))
 end
 if n.kept_decide or n.kept_execute or n.kept_synthesize or n.waiting then
   redis.call('HDEL', KEYS[2], 'kept_decide', 'kept_execute', 'kept_synthesize', 'waiting')
@@ -46,11 +53,11 @@ end
 redis.call('DEL', KEYS[4])
 if token ~= '' then
   redis.call('SREM', KEYS[5], token)
-  put('open_runs', redis.call('SCARD', KEYS[5]))
+  put(set, 'open_runs', redis.call('SCARD', KEYS[5]))
 end
 redis.call('HSET', KEYS[2], unpack(set))
-local counts = {'done', num(t.done) + 1}
-if status ~= 'completed' then table.insert(counts, status); table.insert(counts, num(t[status]) + 1) end
+put(counts, 'done', num(t.done) + 1)
+if status ~= 'completed' then put(counts, status, num(t[status]) + 1) end
 redis.call('HSET', KEYS[1], unpack(counts))
 local fields = {'node', node_id, 'status', status, 'ts', now}
 if ARGV[4] ~= '' then table.insert(fields, 'error'); table.insert(fields, string.sub(ARGV[4], 1, 200)) end
