@@ -29,7 +29,27 @@ log = logging.getLogger(__name__)
 
 class QoS(redis.QoS):
     """kombu's QoS, which leaves a message unacknowledged (not the worker dead) when its
-    channel was closed under it."""
+    channel was closed under it, and which writes a delivery to the unacked index and hash,
+    and takes it out again, in one pipelined round trip without MULTI/EXEC.
+
+    A transaction adds nothing there: each message's two entries are its own, and
+    `restore_visible` only takes entries older than the visibility timeout. A connection lost
+    halfway leaves at most an index entry without its hash entry (the hash entry goes first
+    when a message is taken out), and `restore_by_tag` drops such an entry."""
+
+    @contextmanager
+    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
+        if pipe is not None:  # restore_by_tag's, inside its WATCH transaction
+            yield pipe
+            return
+        with self.channel.conn_or_acquire(client) as client:
+            yield client.pipeline(transaction=False)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as pipe:
+            return pipe.hdel(self.unacked_key, delivery_tag).zrem(
+                self.unacked_index_key, delivery_tag
+            )
 
     def _detached(self) -> bool:
         connection = self.channel.connection

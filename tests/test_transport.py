@@ -1,5 +1,6 @@
 """The broker transport: closing a channel after its connection was detached (the broker went
-away with messages in flight) must not crash the worker, and must not lose the messages."""
+away with messages in flight) must not crash the worker, and must not lose the messages; and,
+last, the result backend's chord script."""
 
 from __future__ import annotations
 
@@ -53,6 +54,34 @@ def test_acking_on_a_closed_channel_leaves_the_message_unacknowledged(redis_url,
     channel.connection = None  # what the virtual channel's close leaves behind
     channel.qos.ack(tag)  # no AttributeError
     assert r.hlen("unacked") == 1
+    conn.release()
+
+
+def test_a_delivery_is_indexed_and_taken_out_in_one_round_trip_each(redis_url, r) -> None:
+    """The unacked hash and index get a delivery and lose it on ack in a plain pipeline (no
+    MULTI/EXEC: four commands fewer per message)."""
+    conn, channel = delivered_channel(redis_url, Transport)
+    [tag] = list(channel.qos._delivered)
+    assert r.hexists("unacked", tag)
+    assert r.zscore("unacked_index", tag) is not None
+    with channel.qos.pipe_or_acquire() as pipe:
+        assert pipe.transaction is False
+    channel.qos.ack(tag)
+    assert not r.hexists("unacked", tag)
+    assert r.zscore("unacked_index", tag) is None
+    conn.release()
+
+
+def test_an_index_entry_left_without_its_message_is_dropped_by_the_restore(redis_url, r) -> None:
+    """What a connection lost halfway through those writes can leave: the restore drops it
+    and puts nothing on a queue."""
+    conn = Connection(redis_url, transport=Transport)
+    channel = conn.channel()
+    channel.queue_declare("tt-transport-test")
+    r.zadd("unacked_index", {"half-written": 1.0})  # older than any visibility timeout
+    channel.qos.restore_visible()
+    assert r.zscore("unacked_index", "half-written") is None
+    assert r.llen("tt-transport-test") == 0
     conn.release()
 
 
@@ -121,3 +150,54 @@ def test_delivery_tags_are_unique_across_threads_and_a_forked_child(redis_url) -
     assert child.split("-")[0] != parent.split("-")[0]
     assert child not in tags
     conn.release()
+
+
+def test_a_chords_keys_expiry_is_refreshed_only_once_half_of_it_ran_out(r) -> None:
+    """The result backend's chord script (workers/backend.py): Celery's, with one TTL instead
+    of five EXPIREs for a child that returns while the keys have most of their time left."""
+    from workers.backend import CHORD_PART_RETURN_LUA
+
+    script = r.register_script(CHORD_PART_RETURN_LUA)
+    names = ["g.j", "g.t", "g.s", "g.d", "g", "g.c"]
+    r.set("g.s", 3)  # the chord's size, as apply_chord leaves it (no expiry in this test)
+
+    def part(task_id: str, index: int) -> list[object]:
+        value = f'[1, "{task_id}", "SUCCESS", null]'
+        return script(keys=names, args=[task_id, value, 1, index, 100, 100, 10, "token"])
+
+    assert part("a", 0)[0] == 1  # the first child's return: every key gets the full expiry
+    assert 95 <= r.ttl("g.j") <= 100
+    assert 95 <= r.ttl("g.s") <= 100
+    r.expire("g.j", 60)  # as if 40 s went by: more than half is left
+    r.expire("g.s", 60)
+    assert part("b", 1)[0] == 2
+    assert r.ttl("g.j") <= 60
+    assert r.ttl("g.s") <= 60
+    r.expire("g.j", 40)  # less than half is left: the next return refreshes all of them
+    assert part("c", 2) == [3, None, "3", 1]  # complete, and this return holds the claim
+    assert r.ttl("g.j") >= 95
+    assert r.ttl("g.s") >= 95
+    assert r.ttl("g.d") >= 95
+
+
+def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r) -> None:
+    """`submit` pushes its root's message without loading Celery (messages.node_message): it
+    must be, field for field, what Celery's own send would have queued (the ids aside)."""
+    from tasktree import messages
+    from tasktree.proto import TaskRequest
+
+    settings = settings_for()
+    queue = settings.node_queue
+    req = TaskRequest(
+        task_id="t1/0", persona_prompt="P " * 40, task_instructions="Do it.", tree_id="t1",
+        node_id="0", depth=0,
+    )  # fmt: skip
+    messages.send_node(messages.sender(settings), req, queue)
+    theirs = json.loads(r.rpop(queue))
+    ours = json.loads(messages.node_message(req, queue))
+    ids = {"id", "root_id", "correlation_id", "reply_to", "delivery_tag", "origin"}
+    for message in (theirs, ours):
+        for part in (message["headers"], message["properties"]):
+            for name in ids & part.keys():
+                assert part.pop(name), name  # present, and not empty
+    assert ours == theirs
