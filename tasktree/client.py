@@ -179,9 +179,10 @@ class Client:
 
     def _send_root(self, tree_id: str, root: Node | None = None) -> None:
         req = (root or self.store.node(tree_id, ROOT)).request(tree_id)
+        queue = self.settings.node_queue
         try:
-            messages.send_node(self.app, req, self.settings.node_queue)
-        except Exception as e:  # noqa: BLE001 - kombu raises several classes for a lost broker
+            self.store.enqueue(queue, messages.node_message(req, queue))
+        except StoreError as e:
             raise StoreError(f"cannot enqueue the root task: {e}") from None
 
     def resume(self, tree_id: str) -> int:

@@ -19,6 +19,12 @@ RUNNING = f"{NAMESPACE}:running"
 EXPIRING = f"{NAMESPACE}:expiring"
 
 
+def queue(name: str) -> str:
+    """List: a Celery queue's waiting messages, as kombu's Redis transport keeps them (at
+    priority 0, under the queue's own name; workers BRPOP it)."""
+    return name
+
+
 def sweep_lock(queue: str) -> str:
     """String with a lease: one worker of a node queue at a time sweeps that queue's trees."""
     return f"{NAMESPACE}:sweep-lock:{queue}"

@@ -5,6 +5,11 @@ shape wherever it starts."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import socket
+import uuid
 from typing import Any
 
 from tasktree.proto import TaskRequest, to_dict
@@ -67,6 +72,57 @@ def send_node(app: Any, req: TaskRequest, queue: str) -> None:
         ignore_result=True,
         queue=queue,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+    )
+
+
+def node_message(req: TaskRequest, queue: str) -> str:
+    """A node's task message as `send_node` sends it (Celery's protocol 2, in kombu's Redis
+    envelope), built without loading Celery: `submit` pushes it onto the queue's list itself,
+    which saves the process the ~0.1 s that importing Celery and building an app take.
+    tests/test_transport.py holds it to what Celery sends."""
+    task_id = str(uuid.uuid4())
+    argsrepr = describe(req)
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = json.dumps([[to_dict(req)], {}, embed]).encode()
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": NODE,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": argsrepr,
+        "kwargsrepr": "{}",
+        "origin": f"gen{os.getpid()}@{socket.gethostname()}",
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    properties: dict[str, Any] = {
+        "correlation_id": task_id,
+        "reply_to": str(uuid.uuid4()),
+        "argsrepr": argsrepr,
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": uuid.uuid4().hex,
+    }
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": properties,
+        }
     )
 
 

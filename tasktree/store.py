@@ -168,6 +168,10 @@ class Store:
         self.call(index)
         return tid
 
+    def enqueue(self, queue: str, message: str) -> None:
+        """Put a task message (messages.node_message) at the back of a Celery queue."""
+        self.call(lambda: self.r.lpush(keys.queue(queue), message))
+
     def delete_tree(self, tree_id: str) -> Freed:
         """Remove every key of a tree and its index entries; returns what that freed. A run
         still working on it writes nothing afterwards: every script checks its tree first."""
