@@ -116,7 +116,7 @@ class Control:
             "settle",
             tree_id,
             lambda nid: [keys.node(tree_id, nid)],
-            [time.time(), note, *keys.prefixes(tree_id)],
+            [time.time(), note, keys.node_prefix(tree_id)],
             more=(keys.calls(tree_id),),
         )
         return str(res[1])
@@ -163,7 +163,6 @@ class Control:
         def per_node(nid: str) -> list[str]:
             return [
                 keys.node(tree_id, nid),
-                keys.runs(tree_id, nid),
                 *(keys.claim(tree_id, nid, s) for s in Step),
                 keys.synthesis_sent(tree_id, nid),
             ]
@@ -188,7 +187,7 @@ class Control:
                 "give at least one of --add-nodes, --add-cost, --add-tokens, --add-depth"
             )
         tree_keys = [keys.tree(tree_id), keys.events(tree_id), keys.nodes(tree_id)]
-        args = [time.time(), json.dumps(add), keys.prefixes(tree_id)[0]]
+        args = [time.time(), json.dumps(add), keys.node_prefix(tree_id)]
         res = self.store.script("topup", tree_keys, args)
         if res[0] == "MISSING":
             raise NotFoundError(f"no tree {tree_id}")

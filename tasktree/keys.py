@@ -97,7 +97,8 @@ def tree(tree_id: str) -> str:
 
 
 def node(tree_id: str, node_id: str) -> str:
-    """Hash: one node's persona, instructions, status, decision, result, usage."""
+    """Hash: one node's persona, instructions, status, decision, result, usage, and the
+    tokens of its runs that started and have not ended (`runs`; a crash leaves one)."""
     return f"{_tag(tree_id)}:node:{node_id}"
 
 
@@ -109,11 +110,6 @@ def nodes(tree_id: str) -> str:
 def events(tree_id: str) -> str:
     """Stream: every state change of the tree, bounded in length."""
     return f"{_tag(tree_id)}:events"
-
-
-def runs(tree_id: str, node_id: str) -> str:
-    """Set: the tokens of a node's runs that started and have not ended (a crash leaves one)."""
-    return f"{_tag(tree_id)}:runs:{node_id}"
 
 
 def claim(tree_id: str, node_id: str, step: str) -> str:
@@ -131,9 +127,9 @@ def synthesis_sent(tree_id: str, node_id: str) -> str:
     return f"{_tag(tree_id)}:synth-sent:{node_id}"
 
 
-def prefixes(tree_id: str) -> tuple[str, str]:
-    """The node and runs key names of a tree without the node id (for its Lua scripts)."""
-    return node(tree_id, ""), runs(tree_id, "")
+def node_prefix(tree_id: str) -> str:
+    """A tree's node key name without the node id (for its Lua scripts)."""
+    return node(tree_id, "")
 
 
 def of_tree(tree_id: str, node_ids: list[str]) -> list[str]:
@@ -143,7 +139,6 @@ def of_tree(tree_id: str, node_ids: list[str]) -> list[str]:
         for nid in node_ids
         for k in (
             node(tree_id, nid),
-            runs(tree_id, nid),
             synthesis_sent(tree_id, nid),
             *(claim(tree_id, nid, s) for s in Step),
         )

@@ -233,7 +233,7 @@ class Store:
     ) -> tuple[dict[str, str], dict[str, str], int]:
         """Start of every task run: the tree, the node, and how many runs have not ended.
         With `live` (queue, member), the run's message is listed in the live index too."""
-        tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id), keys.runs(tree_id, node_id)]
+        tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id)]
         args = [token]
         if live:
             tree_keys.append(keys.live(live[0]))
@@ -247,7 +247,7 @@ class Store:
 
     def end_run(self, tree_id: str, node_id: str, token: str) -> None:
         """A run of an existing node ended without a crash (returned, retried or replaced)."""
-        self.script("end", [keys.node(tree_id, node_id), keys.runs(tree_id, node_id)], [token])
+        self.script("end", [keys.node(tree_id, node_id)], [token])
 
     def gate(
         self,
@@ -397,7 +397,6 @@ class Store:
                 keys.node(tree_id, node_id),
                 keys.events(tree_id),
                 keys.claim(tree_id, node_id, step),
-                keys.runs(tree_id, node_id),
                 keys.nodes(tree_id),
                 keys.calls(tree_id),
             ],
@@ -412,7 +411,7 @@ class Store:
                 self.scrub(note),
                 json.dumps(context_keys) if context_keys else "",
                 token,
-                *keys.prefixes(tree_id),
+                keys.node_prefix(tree_id),
                 *(call.args(node_id, keep=False) if call else ()),
             ],
         )

@@ -95,12 +95,12 @@ def test_a_run_whose_end_redis_missed_is_ended_by_the_next_beat_not_counted_a_cr
     # A needless run (the node is closed) that ends while Redis is away.
     store.finish(tid, "0", "completed", result="done")
     runner.run_node(node.request(tid))
-    assert store.r.scard(keys.runs(tid, "0")) == 1  # still open in the store
+    assert store.r.hget(keys.node(tid, "0"), "open_runs") == "1"  # still open in the store
     leases.renew_once()  # Redis still away: kept for the next beat
-    assert store.r.scard(keys.runs(tid, "0")) == 1
+    assert store.r.hget(keys.node(tid, "0"), "open_runs") == "1"
     away[0] = False
     leases.renew_once()
-    assert store.r.scard(keys.runs(tid, "0")) == 0
+    assert store.r.hget(keys.node(tid, "0"), "open_runs") == "0"
     assert model.paid == []
 
 

@@ -548,16 +548,16 @@ def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it()
     r = store.r
     tid = store.create_tree(spec())
     store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
-    store.begin_run(tid, "0.1", "run-a")  # a run that never ends: its key stays
+    store.begin_run(tid, "0.1", "run-a")  # a run that never ends
     record_call(store, tid, "0.1", "decide", "m", 1, 1, 0.0, True, 0.1, call_id="c1")
     store.finish(tid, "0.2", "completed", result="b")
     assert all(r.ttl(k) == -1 for k in r.keys(f"tasktree:{{{tid}}}:*"))  # running: kept
     store.finish(tid, "0", "completed", result="synth")
     tree_keys = r.keys(f"tasktree:{{{tid}}}:*")
-    assert len(tree_keys) == 8  # tree, nodes, events, calls, 3 nodes, the open run
+    assert len(tree_keys) == 7  # tree, nodes, events, calls, 3 nodes (runs are in the nodes)
     assert all(0 < r.ttl(k) <= 600 for k in tree_keys)
-    store.begin_run(tid, "0.2", "late")  # a straggler after the end: its key expires too
-    assert 0 < r.ttl(keys.runs(tid, "0.2")) <= 600
+    store.begin_run(tid, "0.2", "late")  # a straggler after the end: its writes keep the TTL
+    assert 0 < r.ttl(keys.node(tid, "0.2")) <= 600
 
 
 def test_settling_a_cancelled_tree_starts_its_retention_and_zero_keeps_it() -> None:

@@ -48,17 +48,29 @@ local function inherit_ttl(tree_key, key, tree_status)
 end
 
 -- An ended tree's keys expire after its retention (the tree's `ttl` field, seconds; 0 or
--- none keeps them). The node and run keys are the prefixes (from keys.py) plus each node id.
-local function retain(tree_key, nodes_key, events_key, calls_key, node_prefix, runs_prefix)
+-- none keeps them). The node keys are the prefix (from keys.py) plus each node id.
+local function retain(tree_key, nodes_key, events_key, calls_key, node_prefix)
   local ttl = num(redis.call('HGET', tree_key, 'ttl'))
   if ttl <= 0 then return end
   for _, id in ipairs(redis.call('LRANGE', nodes_key, 0, -1)) do
     redis.call('EXPIRE', node_prefix .. id, ttl)
-    redis.call('EXPIRE', runs_prefix .. id, ttl)
   end
   for _, k in ipairs({tree_key, nodes_key, events_key, calls_key}) do
     redis.call('EXPIRE', k, ttl)
   end
+end
+
+-- A node's open runs are the tokens in its `runs` field (comma-separated) of the runs that
+-- began and have not ended; `open_runs` is how many. The field with `token` added (add) or
+-- taken out: its new value, the count, and whether the token was there before.
+local function runs_with(runs, token, add)
+  local out, found = {}, false
+  for t in string.gmatch(runs or '', '[^,]+') do
+    if t == token then found = true end
+    if t ~= token or add then table.insert(out, t) end
+  end
+  if add and not found then table.insert(out, token) end
+  return table.concat(out, ','), #out, found
 end
 
 

@@ -3,19 +3,16 @@
 -- Nothing is written for a node that does not exist. With a live index and a member, the
 -- run's message is listed there (scored now) while its node is open: from its first round
 -- trip, a run whose worker dies is found by the sweeper.
--- KEYS: tree, node, runs[, live index] ; ARGV: run token[, live member]
+-- KEYS: tree, node[, live index] ; ARGV: run token[, live member]
 local tree = redis.call('HGETALL', KEYS[1])
 local node = redis.call('HGETALL', KEYS[2])
 if #tree == 0 or #node == 0 then return {{}, {}, 0} end
-if KEYS[4] and not TERMINAL[field_of(node, 'status')] then
-  redis.call('ZADD', KEYS[4], now_ms(), ARGV[2])
+if KEYS[3] and not TERMINAL[field_of(node, 'status')] then
+  redis.call('ZADD', KEYS[3], now_ms(), ARGV[2])
 end
-local set = {}
-if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then
-  set = {'deliveries', num(field_of(node, 'deliveries')) + 1}
-  inherit_ttl(KEYS[1], KEYS[3], field_of(tree, 'status'))
-end
-table.insert(set, 'open_runs'); table.insert(set, redis.call('SCARD', KEYS[3]))
+local runs, open, known = runs_with(field_of(node, 'runs'), ARGV[1], true)
+local set = {'runs', runs, 'open_runs', open}
+if not known then put(set, 'deliveries', num(field_of(node, 'deliveries')) + 1) end
 redis.call('HSET', KEYS[2], unpack(set))
 -- The node as it is now: the reply read before the write, with the written fields.
 for i = 1, #set, 2 do
@@ -25,4 +22,4 @@ for i = 1, #set, 2 do
   end
   if not found then table.insert(node, set[i]); table.insert(node, tostring(set[i + 1])) end
 end
-return {tree, node, set[#set]}
+return {tree, node, open}

@@ -1,8 +1,8 @@
 -- A run of a node ended without a crash (returned, retried or replaced): it is no longer
 -- open. Applied once per run token. Nothing is written for a node that no longer exists.
--- KEYS: node, runs ; ARGV: run token
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('SREM', KEYS[2], ARGV[1])
-local runs = redis.call('SCARD', KEYS[2])
-redis.call('HSET', KEYS[1], 'open_runs', runs)
-return runs
+-- KEYS: node ; ARGV: run token
+local n = redis.call('HMGET', KEYS[1], 'runs', 'status')
+if not n[2] then return -1 end
+local runs, open = runs_with(n[1], ARGV[1], false)
+redis.call('HSET', KEYS[1], 'runs', runs, 'open_runs', open)
+return open

@@ -1,24 +1,24 @@
 -- Close a node once (completed, failed, cancelled, budget_exhausted); closing the root closes the tree.
--- KEYS: tree, node, events, claim, runs, nodes, calls
+-- KEYS: tree, node, events, claim, nodes, calls
 -- ARGV: node_id, status, result, error, now, worker, only_if (required current status, or ''), note, context_keys JSON,
 --       token (the run's: the claim of the step this closes, or '' when no run is behind it),
---       node key prefix, runs key prefix (for the retention of the tree's keys when it ends)
+--       node key prefix (for the retention of the tree's keys when it ends)
 --       [, the model call whose reply this stores: record_call's 10 arguments (_lib.lua)]
 -- The run that closes the node also ends there (its token leaves the node's open runs). With
 -- a call, the call is recorded in the same script, with the same reads and writes of the node
 -- and the tree: a call that lost its claim is recorded as waste and closes nothing (FENCED).
 local node_id, status, now, token = ARGV[1], ARGV[2], ARGV[5], ARGV[10]
-local call = ARGV[13] and {unpack(ARGV, 13, 22)}
+local call = ARGV[12] and {unpack(ARGV, 12, 21)}
 local n, t = read_for_call(KEYS[1], KEYS[2], call and call[1],
   {'started_at', 'notes', 'resv_decide', 'resv_execute', 'resv_synthesize', 'kept_decide',
-    'kept_execute', 'kept_synthesize', 'waiting'},
+    'kept_execute', 'kept_synthesize', 'waiting', 'runs'},
   {'events_maxlen', 'done', status})
 local cur = n.status
 if not cur or not t.status then return {'MISSING'} end
 local holder = redis.call('GET', KEYS[4])
 local set, counts = {}, {}  -- what the node and the tree get, each in one HSET
 if call then
-  if count_call(KEYS[1], KEYS[2], KEYS[7], call, false, n, t, holder, set, counts) == 2 then
+  if count_call(KEYS[1], KEYS[2], KEYS[6], call, false, n, t, holder, set, counts) == 2 then
     hset(KEYS[2], set)
     hset(KEYS[1], counts)
     return {'FENCED', ''}
@@ -52,8 +52,8 @@ for _, step in ipairs({'decide', 'execute', 'synthesize'}) do
 end
 redis.call('DEL', KEYS[4])
 if token ~= '' then
-  redis.call('SREM', KEYS[5], token)
-  put(set, 'open_runs', redis.call('SCARD', KEYS[5]))
+  local runs, open = runs_with(n.runs, token, false)
+  put(set, 'runs', runs, 'open_runs', open)
 end
 redis.call('HSET', KEYS[2], unpack(set))
 put(counts, 'done', num(t.done) + 1)
@@ -73,6 +73,6 @@ if node_id == '0' then
   else final = 'completed' end
   redis.call('HSET', KEYS[1], 'status', final, 'finished_at', now)
   emit(KEYS[1], KEYS[3], 'tree', final, 'ts', now)
-  retain(KEYS[1], KEYS[6], KEYS[3], KEYS[7], ARGV[11], ARGV[12])
+  retain(KEYS[1], KEYS[5], KEYS[3], KEYS[6], ARGV[11])
 end
 return {'OK', status}

@@ -7,7 +7,7 @@
 -- Resume (an interrupted tree): every open node loses the claims and run counts of the runs
 -- that were abandoned, and keeps everything stored.
 -- Either way the tree runs again on the given queues.
--- KEYS: tree, events, nodes, calls, then per node: node, runs, claim decide, claim execute,
+-- KEYS: tree, events, nodes, calls, then per node: node, claim decide, claim execute,
 --       claim synthesize, synthesis sent
 -- ARGV: now, node queue, synthesis queue, why, JSON list of node ids to reopen,
 --       JSON object of tree fields to set (budgets, model), '1' to resume
@@ -19,19 +19,19 @@ if resume then
 elseif not TREE_IDLE[status] or status == 'interrupted' then
   return {'NOOP', status}
 end
-if redis.call('LLEN', KEYS[3]) * 6 ~= #KEYS - 4 then return {'RETRY'} end
+if redis.call('LLEN', KEYS[3]) * 5 ~= #KEYS - 4 then return {'RETRY'} end
 local now, why = ARGV[1], ARGV[4]
 local reopen = {}
 for _, id in ipairs(cjson.decode(ARGV[5])) do reopen[id] = true end
 local count = 0
-for i = 5, #KEYS, 6 do
+for i = 5, #KEYS, 5 do
   local id = redis.call('HGET', KEYS[i], 'id')
   if resume then
     local cur = redis.call('HGET', KEYS[i], 'status')
     if cur and not TERMINAL[cur] then
       redis.call('HSET', KEYS[i], 'open_runs', 0)
-      redis.call('HDEL', KEYS[i], 'retry_at')
-      redis.call('DEL', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5])
+      redis.call('HDEL', KEYS[i], 'retry_at', 'runs')
+      redis.call('DEL', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4])
       count = count + 1
     end
   elseif id and reopen[id] then
@@ -48,14 +48,13 @@ for i = 5, #KEYS, 6 do
     local to = (n[5] == 'delegate') and 'delegated' or 'queued'
     redis.call('HDEL', KEYS[i], 'result', 'error', 'finished_at', 'context_keys', 'retry_at',
       'last_error', 'started_at', 'waiting', 'kept_decide', 'kept_execute', 'kept_synthesize',
-      'failed_decide', 'failed_execute', 'failed_synthesize')
+      'failed_decide', 'failed_execute', 'failed_synthesize', 'runs')
     redis.call('HSET', KEYS[i], 'status', to, 'open_runs', 0, 'attempts', cjson.encode(attempts))
-    redis.call('DEL', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5])
+    redis.call('DEL', KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4])
     emit(KEYS[1], KEYS[2], 'node', id, 'status', to, 'note', why, 'ts', now)
     count = count + 1
   end
   redis.call('PERSIST', KEYS[i])
-  redis.call('PERSIST', KEYS[i + 1])
 end
 local updates = cjson.decode(ARGV[6])
 if envelopes_on(KEYS[1]) and #KEYS > 4 then  -- larger budgets widen the reopened envelopes

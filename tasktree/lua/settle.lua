@@ -1,6 +1,6 @@
 -- Close a cancelling tree that nobody is left to finish: every open node becomes cancelled
 -- (what finished nodes stored is kept) and the tree ends cancelled.
--- KEYS: tree, events, nodes, calls, node_1 .. node_n ; ARGV: now, note, node key prefix, runs key prefix
+-- KEYS: tree, events, nodes, calls, node_1 .. node_n ; ARGV: now, note, node key prefix
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'MISSING'} end
 if status ~= 'cancelling' and status ~= 'interrupted' then return {'NOOP', status} end
@@ -21,5 +21,5 @@ for i = 5, #KEYS do
 end
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now)
 emit(KEYS[1], KEYS[2], 'tree', 'cancelled', 'ts', now)
-retain(KEYS[1], KEYS[3], KEYS[2], KEYS[4], ARGV[3], ARGV[4])
+retain(KEYS[1], KEYS[3], KEYS[2], KEYS[4], ARGV[3])
 return {'OK', 'cancelled'}
