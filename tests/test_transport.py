@@ -201,3 +201,37 @@ def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r)
             for name in ids & part.keys():
                 assert part.pop(name), name  # present, and not empty
     assert ours == theirs
+
+
+def test_puts_together_sends_a_threads_messages_in_one_round_trip_at_its_end(redis_url, r) -> None:
+    """How a delegation sends its chord's children: held until the block ends, then pushed
+    together in order; a block that raises sends none of them."""
+    from tasktree.transport import puts_together
+
+    conn = Connection(redis_url, transport=Transport)
+    channel = conn.channel()
+    channel.queue_declare("tt-transport-test")
+
+    def publish(body: str) -> None:
+        message = channel.prepare_message(body)
+        channel.basic_publish(message, exchange="", routing_key="tt-transport-test")
+
+    with puts_together():
+        for body in ("a", "b", "c"):
+            publish(body)
+        assert r.llen("tt-transport-test") == 0  # held
+    assert r.llen("tt-transport-test") == 3
+    got = [channel.basic_get("tt-transport-test", no_ack=True).body for _ in range(3)]
+    assert got == [b"a", b"b", b"c"]  # first in, first out, as one by one
+
+    def failing_chord() -> None:
+        with puts_together():
+            publish("never")
+            raise RuntimeError("the chord failed halfway")
+
+    with pytest.raises(RuntimeError):
+        failing_chord()
+    assert r.llen("tt-transport-test") == 0
+    publish("alone")  # outside a block: at once
+    assert r.llen("tt-transport-test") == 1
+    conn.release()

@@ -14,6 +14,7 @@ from tasktree.models import check_text
 from tasktree.proto import TaskRequest, TaskResult, from_dict, to_dict
 from tasktree.runner import Delegate, Done, NodeRun, Outcome, Retry
 from tasktree.states import NODE_TERMINAL, NodeStatus
+from tasktree.transport import puts_together
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class NodeTask(Task):
     def on_replace(self, sig: Any) -> Any:
         if self.request.is_eager:
             return super().on_replace(sig)
-        sig.delay()
+        with puts_together():  # the chord's children in one round trip
+            sig.delay()
         self.request.update(chord=None, callbacks=None, chain=None)
         return None
 
