@@ -153,15 +153,6 @@ local function unreserve(tree_key, node_key, step, token)
   if envelopes_on(tree_key) then chain_add(node_key, 'held_tokens', 'held_cost', -num(t), -num(c)) end
 end
 
--- A model call's usage, added to its node and tree once (per call id), for the claim holder.
--- a: step, model, prompt_tokens, completion_tokens, cost_usd, cost_unknown (0/1), latency,
---    token, text, call id. With `keep`, the reply is also kept in the node (`kept_<step>`, a
--- JSON list in call order) until the step's outcome is stored, so a run that dies in between
--- is replayed, not paid for again; a caller that stores the outcome in the same script keeps
--- nothing. Returns 1 recorded; 0 already recorded (the script was sent again); 2 recorded as
--- waste (the call's attempt had lost its claim to another); -1 no such tree or node.
--- Each hash is read once and written once: the counters are summed here (exact for integers).
-
 -- The fields count_call reads of the node and of the tree, for a call of `step` (before
 -- 'status', which the caller adds last).
 local function call_fields(step)
@@ -174,9 +165,17 @@ local function put(list, ...)
   for _, v in ipairs({...}) do table.insert(list, v) end
 end
 
--- Count the call into `nset` and `tset` (field, value lists the caller HSETs on the node and
--- the tree) from `n` and `t` (read with call_fields) and `holder` (the step's claim): the
--- caller writes each hash once, with whatever else it stores there.
+-- A model call's usage, added to its node and tree once (per call id), for the claim holder.
+-- a: step, model, prompt_tokens, completion_tokens, cost_usd, cost_unknown (0/1), latency,
+--    token, text, call id. With `keep`, the reply is also kept in the node (`kept_<step>`, a
+-- JSON list in call order) until the step's outcome is stored, so a run that dies in between
+-- is replayed, not paid for again; a caller that stores the outcome in the same script keeps
+-- nothing. Returns 1 recorded; 0 already recorded (the script was sent again); 2 recorded as
+-- waste (the call's attempt had lost its claim to another); -1 no such tree or node.
+-- Each hash is read once and written once: the counters are summed here (exact for integers).
+-- count_call counts the call into `nset` and `tset` (field, value lists the caller HSETs on
+-- the node and the tree) from `n` and `t` (read with call_fields) and `holder` (the step's
+-- claim), so the caller writes each hash once, with whatever else it stores there.
 local function count_call(tree_key, node_key, calls_key, a, keep, n, t, holder, nset, tset)
   local step, token = a[1], a[8]
   local resv, kept_f, lat_f = 'resv_' .. step, 'kept_' .. step, 'lat_' .. step
@@ -241,6 +240,7 @@ local function read_for_call(tree_key, node_key, step, extra_n, extra_t)
   return fields(node_key, unpack(nf)), fields(tree_key, unpack(tf))
 end
 
+-- The same, as a script of its own (record.lua): the call's reads and writes only.
 local function record_call(tree_key, node_key, claim_key, calls_key, a, keep)
   local n, t = read_for_call(tree_key, node_key, a[1], {}, {})
   if not n.status or not t.status then return -1 end

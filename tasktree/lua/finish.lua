@@ -17,17 +17,13 @@ local cur = n.status
 if not cur or not t.status then return {'MISSING'} end
 local holder = redis.call('GET', KEYS[4])
 local set, counts = {}, {}  -- what the node and the tree get, each in one HSET
-if call then
-  if count_call(KEYS[1], KEYS[2], KEYS[6], call, false, n, t, holder, set, counts) == 2 then
-    hset(KEYS[2], set)
-    hset(KEYS[1], counts)
-    return {'FENCED', ''}
-  end
-end
 local function written(reply)
   hset(KEYS[2], set)
   hset(KEYS[1], counts)
   return reply
+end
+if call and count_call(KEYS[1], KEYS[2], KEYS[6], call, false, n, t, holder, set, counts) == 2 then
+  return written({'FENCED', ''})
 end
 if TERMINAL[cur] then return written({'ALREADY', cur}) end
 if token ~= '' and holder and holder ~= token then return written({'FENCED', cur}) end
