@@ -35,6 +35,11 @@ def _load_script(name: str) -> str:
     return "\n".join(parts)
 
 
+#: How long a follower of a tree's events waits after a batch before it reads again (s): at
+#: most 50 reads a second per watcher, and at most this much later to see an event.
+GATHER = 0.02
+
+
 @dataclass(frozen=True)
 class Freed:
     """What deleting trees freed: trees, keys, bytes (as Redis's MEMORY USAGE counts them)."""
@@ -584,9 +589,11 @@ class Store:
         ]
 
     def follow(
-        self, tree_id: str, last_id: str = "0", block_ms: int = 1000
+        self, tree_id: str, last_id: str = "0", block_ms: int = 1000, gather: float = GATHER
     ) -> Iterator[list[tuple[str, dict[str, str]]]]:
-        """Yield batches of events as they arrive (blocking XREAD), forever; the caller stops."""
+        """Yield batches of events as they arrive (blocking XREAD), forever; the caller stops.
+        After a batch it waits `gather` seconds before it reads again, so the transitions of
+        a busy tree come in batches, not one XREAD each."""
         stream = keys.events(tree_id)
         while True:
             res = self.call(
@@ -598,6 +605,8 @@ class Store:
             if batch:
                 last_id = batch[-1][0]
             yield batch
+            if batch and gather:
+                time.sleep(gather)
 
     def events(self, tree_id: str) -> list[tuple[str, dict[str, str]]]:
         """Every stored event of a tree, oldest first."""

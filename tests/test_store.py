@@ -623,3 +623,24 @@ def test_the_heartbeat_lists_held_runs_of_open_nodes_only(store: Store) -> None:
     # A worker that still says it holds the message (a stale request) keeps nothing listed.
     store.renew([], {"q": [member]}, [], 15.0)
     assert store.r.zcard(live) == 0
+
+
+@pytest.mark.integration
+def test_a_follower_gathers_the_events_that_come_while_it_waits(r, redis_url) -> None:
+    """After a batch, a follower waits its gathering time before reading again: events that
+    come meanwhile arrive as one batch, not one XREAD each (a real Redis for the blocking read)."""
+    import threading
+
+    store = Store(connect(redis_url), load(redis_url=None))
+    tid = store.create_tree(spec())
+    for gather, batches in ((1.0, 1), (0.0, 2)):
+        follow = store.follow(tid, block_ms=2000, gather=gather)
+        next(follow)  # every event so far
+        for delay, node in ((0.1, "0.1"), (0.4, "0.2")):  # two transitions 0.3 s apart
+            event = {"node": node, "status": "completed"}
+            threading.Timer(delay, r.xadd, (keys.events(tid), event)).start()
+        got = [next(follow)]
+        while len(got) < batches:
+            got.append(next(follow))
+        assert [len(b) for b in got] == ([2] if batches == 1 else [1, 1])
+        time.sleep(0.5)  # the timers are done before the next round
