@@ -179,9 +179,8 @@ class Client:
 
     def _send_root(self, tree_id: str, root: Node | None = None) -> None:
         req = (root or self.store.node(tree_id, ROOT)).request(tree_id)
-        queue = self.settings.node_queue
         try:
-            self.store.enqueue(queue, messages.node_message(req, queue))
+            messages.send_node(self.store, req, self.settings.node_queue)
         except StoreError as e:
             raise StoreError(f"cannot enqueue the root task: {e}") from None
 

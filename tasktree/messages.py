@@ -10,10 +10,13 @@ import json
 import os
 import socket
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasktree.proto import TaskRequest, to_dict
 from tasktree.settings import Settings
+
+if TYPE_CHECKING:
+    from tasktree.store import Store
 
 NODE = "tasktree.node"
 SYNTHESIZE = "tasktree.synthesize"
@@ -63,22 +66,16 @@ def fan_out(
     return chord(header, synthesis_signature(app, parent, synth_queue))
 
 
-def send_node(app: Any, req: TaskRequest, queue: str) -> None:
-    """Send one node's task (the root, or a node the sweeper found lost)."""
-    app.send_task(
-        NODE,
-        args=[to_dict(req)],
-        argsrepr=describe(req),
-        ignore_result=True,
-        queue=queue,
-        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
-    )
+def send_node(store: Store, req: TaskRequest, queue: str) -> None:
+    """Send one node's task (the root, or a node the sweeper found lost): its message, built
+    here, pushed onto the queue by the store in one round trip."""
+    store.enqueue(queue, node_message(req, queue))
 
 
 def node_message(req: TaskRequest, queue: str) -> str:
-    """A node's task message as `send_node` sends it (Celery's protocol 2, in kombu's Redis
-    envelope), built without loading Celery: `submit` pushes it onto the queue's list itself,
-    which saves the process the ~0.1 s that importing Celery and building an app take.
+    """A node's task message as Celery's `send_task` would queue it (protocol 2, in kombu's
+    Redis envelope), built without loading Celery: `submit` then needs no Celery app, which
+    saves its process the ~0.1 s that importing Celery and building one take.
     tests/test_transport.py holds it to what Celery sends."""
     task_id = str(uuid.uuid4())
     argsrepr = describe(req)

@@ -467,7 +467,7 @@ def test_a_child_sent_outside_its_chord_triggers_its_parents_synthesis(
     store.decide(tid, "0", "delegate", "r", subs, [], "w")
     store.finish(tid, "0.1", "completed", result="first part")
     started = time.monotonic()
-    messages.send_node(client.app, store.node(tid, "0.2").request(tid), client.settings.node_queue)
+    messages.send_node(store, store.node(tid, "0.2").request(tid), client.settings.node_queue)
     tree = client.wait(tid, timeout=30)
     assert tree.status == "completed"
     assert time.monotonic() - started < 20

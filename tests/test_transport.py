@@ -184,7 +184,7 @@ def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r)
     """`submit` pushes its root's message without loading Celery (messages.node_message): it
     must be, field for field, what Celery's own send would have queued (the ids aside)."""
     from tasktree import messages
-    from tasktree.proto import TaskRequest
+    from tasktree.proto import TaskRequest, to_dict
 
     settings = settings_for()
     queue = settings.node_queue
@@ -192,7 +192,13 @@ def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r)
         task_id="t1/0", persona_prompt="P " * 40, task_instructions="Do it.", tree_id="t1",
         node_id="0", depth=0,
     )  # fmt: skip
-    messages.send_node(messages.sender(settings), req, queue)
+    messages.sender(settings).send_task(  # as tasktree sent a node's task through Celery
+        messages.NODE,
+        args=[to_dict(req)],
+        argsrepr=messages.describe(req),
+        ignore_result=True,
+        queue=queue,
+    )
     theirs = json.loads(r.rpop(queue))
     ours = json.loads(messages.node_message(req, queue))
     ids = {"id", "root_id", "correlation_id", "reply_to", "delivery_tag", "origin"}

@@ -52,7 +52,7 @@ def sweep_once(app: Any) -> int:
             if node.status == NodeStatus.SYNTHESIZING:
                 messages.send_synthesis(app, tree_id, node.id, synth_queue)
             else:
-                messages.send_node(app, node.request(tree_id), queue)
+                messages.send_node(runtime.store, node.request(tree_id), queue)
         recovery.mark_redriven(tree_id, stuck.lost)
         sent += len(stuck.due) + len(stuck.lost)
     return sent
@@ -74,7 +74,7 @@ def redrive_dead_runs(app: Any, recovery: Recovery) -> int:
         if kind == "synthesis" or node.status == NodeStatus.SYNTHESIZING:
             messages.send_synthesis(app, tree_id, node_id, tree.synth_queue or settings.synth_queue)
         else:
-            messages.send_node(app, node.request(tree_id), tree.queue or settings.node_queue)
+            messages.send_node(store, node.request(tree_id), tree.queue or settings.node_queue)
         recovery.mark_redriven(tree_id, [node])
         sent += 1
     return sent

@@ -15,7 +15,8 @@ local n, t = read_for_call(KEYS[1], KEYS[2], call and call[1],
   {'events_maxlen', 'done', status})
 local cur = n.status
 if not cur or not t.status then return {'MISSING'} end
-local holder = redis.call('GET', KEYS[4])
+-- The step's claim, when a run or a call is behind this close (nil: nobody holds it).
+local holder = (token ~= '' or call) and redis.call('GET', KEYS[4]) or nil
 local set, counts = {}, {}  -- what the node and the tree get, each in one HSET
 local function written(reply)
   hset(KEYS[2], set)
