@@ -32,6 +32,10 @@ _SHAPES = [
     ),
     (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@/\s]+@", re.IGNORECASE), rf"\1{MASK}@"),
 ]
+#: Every key-shaped string holds one of these, in some case: an ASCII text with none skips
+#: the patterns, a tenth of their time on an ordinary log line. (Non-ASCII text always runs
+#: them: the patterns' case-blind match takes a dotless i for an i, a long s for an s.)
+_CUES = ("sk-", "pk-", "rk-", "bearer", "basic", "key", "token", "secret", "passw", "://")
 
 
 def secrets_of(settings: Settings, environ: dict[str, str] | None = None) -> list[str]:
@@ -69,6 +73,10 @@ class Scrubber:
         if not text:
             return text
         text = self.secrets_only(text)
+        if text.isascii():
+            lower = text.lower()
+            if not any(cue in lower for cue in _CUES):
+                return text
         for pattern, replacement in _SHAPES:
             text = pattern.sub(replacement, text)
         return text

@@ -91,6 +91,18 @@ def test_the_scrubber_removes_configured_secrets_and_key_shaped_strings() -> Non
         f"url redis://:{MASK}@host:6379/0 and redis://user:{MASK}@h/0; "
         f'api_key="{MASK}" password: {MASK}; abc stays; completion_tokens: 5; max_tokens=7'
     )
+    for shape in (
+        "sk-Proj-abcdefgh",
+        "BEARER abc",
+        "basic dXNlcjpw",
+        "Api-Key: 1234",
+        "ACCESS_TOKEN=z",
+        "ſecret=xyz",
+        "basıc dXNlcjpw",
+        "PASSWD=hunter",
+        "HTTPS://u:pw@host",
+    ):  # every shape, in any case, is caught by the cheap look for a cue first
+        assert MASK in scrub(f"x {shape} y"), shape
     assert scrub.secrets_only("the key sk-proj-example and hunter2-redis-pass") == (
         f"the key sk-proj-example and {MASK}"
     )
