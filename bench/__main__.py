@@ -106,13 +106,12 @@ def overhead(b: Bench, shapes: list[Spec]) -> list[str]:
         tasks = s.nodes + sum(s.fanout**d for d in range(s.depth))
         name = f"tt{s.depth}x{s.fanout}zero"
         for _ in range(b.runs):
-            b.r.delete("bench:max-message")
             cpu = b.cpu_seconds(name)
-            wall, _, _ = b.tasktree(name, s)
+            wall, _, tree = b.tasktree(name, s)
             time.sleep(0.5)  # the last acks and events
             tt_cpu.values.append((b.cpu_seconds(name) - cpu) / tasks)
             tt.values.append(wall / s.nodes)
-            sizes.append(int(b.r.get("bench:max-message") or 0))
+            sizes.append(b.largest_message([tree.id]))
             cpu = b.cpu_seconds("peers")
             bare.values.append(b.bare(s) / s.nodes)
             time.sleep(0.5)
@@ -379,7 +378,6 @@ def scale(b: Bench) -> list[str]:
         ("one 1,000-node tree", 1, 3, 1000),
         ("10 trees of 100 at once", 10, 2, 100),
     ):
-        b.r.delete("bench:max-message")
         b.r.config_resetstat()
         mem0 = b.r.info("memory")["used_memory"]
         client = b.clients["tt2x10zero"]
@@ -406,7 +404,7 @@ def scale(b: Bench) -> list[str]:
         lines.append(
             f"| {label} | {nodes} | {wall:.2f} | {mem / 1024:.2f} KiB | "
             f"{stored / 1024:.2f} KiB ({text / 1024:.2f} KiB) | {cmds:.1f} | "
-            f"{int(b.r.get('bench:max-message') or 0)} B |"
+            f"{b.largest_message(ids)} B |"
         )
         print(lines[-1], flush=True)
     return lines

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from bench.shapes import Spec, tree_critical_path
+from bench.shapes import Spec, max_message_key, tree_critical_path
 from tasktree.client import Client
 from tasktree.models import Tree, TreeSpec
 from tasktree.settings import load
@@ -130,6 +130,10 @@ class Bench:
         assert proc is not None
         fields = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def largest_message(self, tree_ids: list[str]) -> int:
+        """The largest message the workers published for these trees (bench.instrumented)."""
+        return max(int(self.r.get(max_message_key(t)) or 0) for t in tree_ids)
 
     # -- one tree, each system --------------------------------------------------------------
 

@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from tasktree.models import Node
 
 
+def max_message_key(tree_id: str) -> str:
+    """Where bench.instrumented records a tree's largest message."""
+    return f"bench:max-message:{tree_id}"
+
+
 @dataclass(frozen=True)
 class Spec:
     """A full tree: `fanout` children per node down to `depth`; leaves skip the decision."""
