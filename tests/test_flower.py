@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import threading
 import time
 
 from tasktree.models import TreeSpec
@@ -52,3 +54,40 @@ def test_flower_shows_tasks_and_workers(env, client, start_workers, tmp_path) ->
         everything = json.dumps(tasks) + json.dumps(workers)
         assert SECRET not in everything
         assert "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" not in everything
+
+
+def test_task_events_leave_in_batches_on_the_loop_timer(env, r, client, start_workers) -> None:
+    """Every task event a worker sends rides in a batch, one batch per EventBatches tick at
+    most: without the timer, a busy worker sends one every two or three events."""
+    from workers import EventBatches
+
+    start_workers(1, extra_env={"TASKTREE_OFFLINE_FANOUT": "5"})
+    got: list[tuple[float, str, int]] = []  # (received at, channel, events in it)
+    sub = r.pubsub(ignore_subscribe_messages=True)
+    sub.psubscribe("*celeryev/task.*")
+    done = threading.Event()
+
+    def listen() -> None:
+        while not done.is_set():
+            m = sub.get_message(timeout=0.05)
+            if m:
+                envelope = json.loads(m["data"])
+                events = json.loads(base64.b64decode(envelope["body"]))
+                got.append((time.monotonic(), m["channel"], len(events)))
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    try:
+        tid = client.submit(TreeSpec.build(client.settings, "Survey the field.", max_depth=2))
+        tree = client.wait(tid)
+        time.sleep(3 * EventBatches.EVENT_BATCH)  # the last batch
+    finally:
+        done.set()
+        listener.join()
+        sub.close()
+    assert tree.status == "completed"
+    assert len(tree.nodes) == 31
+    assert sum(n for _, _, n in got) >= 3 * 31  # received, started, succeeded of each node
+    assert {channel.rsplit("/", 1)[1] for _, channel, _ in got} == {"task.multi"}
+    span = got[-1][0] - got[0][0]
+    assert len(got) <= span / EventBatches.EVENT_BATCH + 3, (len(got), span)
