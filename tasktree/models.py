@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -211,6 +211,26 @@ class Node(BaseModel):
             node_id=self.id,
             depth=self.depth,
         )
+
+
+class NodeResult(NamedTuple):
+    """What a parent reads of a child it synthesizes from, or a node of a sibling it starts
+    after: the few fields it uses, read without building the whole Node."""
+
+    id: str
+    persona: str
+    status: str
+    result: str
+    error: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in NODE_TERMINAL
+
+    @property
+    def label(self) -> str:
+        """The child's key in its parent's context: its id and persona."""
+        return f"{self.id} {self.persona}"
 
 
 class Tree(BaseModel):

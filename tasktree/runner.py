@@ -422,14 +422,14 @@ class NodeRun:
         after = [a for a in self.node.get("after", "").split(",") if a]
         if not after:
             return {}
-        before = self.store.nodes(self.tree_id, after)
+        before = self.store.results(self.tree_id, after)
         waiting = [n.id for n in before if not n.terminal]
         if waiting:
             why = f"after {', '.join(waiting)}"
             if self.node.get("waiting") != why:
                 self.store.note_waiting(self.tree_id, self.node_id, why)
             return Retry(AFTER_POLL, reason=why)
-        return {f"{n.id} {n.persona}": n.result for n in before if n.status == "completed"}
+        return {n.label: n.result for n in before if n.status == NodeStatus.COMPLETED}
 
     def _node(self, request: TaskRequest) -> Outcome:
         ready = self._prerequisites()

@@ -17,7 +17,7 @@ from tasktree.connection import connect
 from tasktree.errors import FencedError, NotFoundError, StoreError
 from tasktree.keys import check_tree_id, new_tree_id
 from tasktree.limits import Limit
-from tasktree.models import Node, Reply, Tree, TreeSpec
+from tasktree.models import Node, NodeResult, Reply, Tree, TreeSpec
 from tasktree.scrub import Scrubber
 from tasktree.settings import Settings
 from tasktree.states import NODE_TERMINAL, TreeStatus, lua_prelude
@@ -541,6 +541,23 @@ class Store:
             return replies
 
         return [Node.from_hash(h) for h in self.call(read) if h]
+
+    def results(self, tree_id: str, node_ids: list[str]) -> list[NodeResult]:
+        """Several nodes' results (persona, status, result, error) in one round trip, without
+        building whole Nodes; missing nodes are skipped."""
+
+        def read() -> list[list[str | None]]:
+            pipe = self.r.pipeline(transaction=False)
+            for nid in node_ids:
+                pipe.hmget(keys.node(tree_id, nid), "persona", "status", "result", "error")
+            replies: list[list[str | None]] = pipe.execute()
+            return replies
+
+        return [
+            NodeResult(nid, persona or "", status, result or "", error or "")
+            for nid, (persona, status, result, error) in zip(node_ids, self.call(read), strict=True)
+            if status is not None
+        ]
 
     def tree(self, tree_id: str, with_nodes: bool = True) -> Tree:
         """A whole tree in two round trips (summary and node ids, then every node)."""

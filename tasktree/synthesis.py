@@ -6,21 +6,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tasktree import agent
-from tasktree.models import Node
+from tasktree.models import NodeResult
 from tasktree.states import NodeStatus, Step, Verdict
 
 if TYPE_CHECKING:
     from tasktree.runner import NodeRun, Outcome
 
 
-def children_of(run: NodeRun) -> tuple[list[Node], dict[str, str], dict[str, str]]:
+def children_of(run: NodeRun) -> tuple[list[NodeResult], dict[str, str], dict[str, str]]:
     """The node's children, their results by label, and why the others have none."""
     ids = [c for c in run.node.get("children", "").split(",") if c]
-    children = run.store.nodes(run.tree_id, ids)
-    done = {f"{c.id} {c.persona}": c.result for c in children if c.status == "completed"}
-    missing = {
-        f"{c.id} {c.persona}": c.error or c.status for c in children if c.status != "completed"
-    }
+    children = run.store.results(run.tree_id, ids)
+    done = {c.label: c.result for c in children if c.status == NodeStatus.COMPLETED}
+    missing = {c.label: c.error or c.status for c in children if c.status != NodeStatus.COMPLETED}
     return children, done, missing
 
 

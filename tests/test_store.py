@@ -70,6 +70,24 @@ def test_decide_creates_children_and_is_written_once(store: Store) -> None:
     assert tree.root.notes == ["n1"]
 
 
+def test_results_read_what_a_synthesis_needs_and_skip_missing_nodes(store: Store) -> None:
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "broad", subs(3), [], "w")
+    store.finish(tid, "0.1", NodeStatus.COMPLETED, result="one")
+    store.finish(tid, "0.3", NodeStatus.FAILED, error="boom")
+    results = store.results(tid, ["0.1", "0.2", "0.3", "0.9"])
+    assert [tuple(r) for r in results] == [
+        ("0.1", "p0", "completed", "one", ""),
+        ("0.2", "p1", "queued", "", ""),
+        ("0.3", "p2", "failed", "", "boom"),
+    ]
+    assert [(r.label, r.terminal) for r in results] == [
+        ("0.1 p0", True),
+        ("0.2 p1", False),
+        ("0.3 p2", True),
+    ]
+
+
 def test_node_budget_clamps_children(store: Store) -> None:
     tid = store.create_tree(spec(max_nodes=4))
     _, children, _ = store.decide(tid, "0", "delegate", "r", subs(6), [], "w")
