@@ -148,11 +148,9 @@ class NodeRun:
                 self.leases.hold(self.tree_id, self.node_id, step, self.token)
             if by_depth:
                 self.node.update(decision="execute", children="")
-                log.info(
-                    "tree %s node %s decided execute (%s)", self.tree_id, self.node_id, BY_DEPTH[0]
-                )
             cap = int(float(gate.detail or 0))  # the completion cap the budget left fits
-            log.info("tree %s node %s %s (%s)", self.tree_id, self.node_id, running, model)
+            why = f": {BY_DEPTH[0]}, no decision call" if by_depth else ""  # one line, not two
+            log.info("tree %s node %s %s (%s)%s", self.tree_id, self.node_id, running, model, why)
             with self.tracing.call(step, model) as span:
                 reply = span["reply"] = self._ask(step, model, messages, json_mode, cap)
             outcome = "200"
