@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import random
 import shutil
@@ -80,15 +82,17 @@ def test_killed_workers_lose_nothing_and_pay_nothing_twice(client, start_workers
 def test_a_dead_workers_runs_are_sent_again_while_the_tree_stays_busy(
     client, start_workers
 ) -> None:
-    """The other worker keeps the tree busy, so it never goes quiet (and the stall period is
-    set out of reach, the visibility timeout is the default 300 s): only the dead runs'
-    stale heartbeats can bring the killed worker's nodes back."""
+    """The other worker keeps the tree busy, so it does not go quiet: the killed worker's
+    running nodes come back through their runs' stale heartbeats, a lease after the kill
+    (the survivor's log says so). A kill can also land inside a message's receipt (before
+    its run is listed) or between a node's close and its chord's callback; that one message
+    is the stall sweep's, once the tree goes quiet (20 s here, far above the 3 s lease)."""
     env = {
         "TASKTREE_OFFLINE_FANOUT": "4",
         "TASKTREE_OFFLINE_LATENCY": "0.8",
         "TASKTREE_CONCURRENCY": "3",
         "TASKTREE_STEP_LEASE": "3",  # test setting; the default 15 s is measured in RELIABILITY
-        "TASKTREE_STALL_SECONDS": "600",
+        "TASKTREE_STALL_SECONDS": "20",
     }
     doomed, survivor = start_workers(2, extra_env=env)
     tid = client.submit(TreeSpec.build(client.settings, "Stay busy.", max_depth=2))
@@ -105,6 +109,35 @@ def test_a_dead_workers_runs_are_sent_again_while_the_tree_stays_busy(
     while client.store.r.zcard(live):
         assert time.monotonic() < deadline, client.store.r.zrange(live, 0, -1)
         time.sleep(0.2)
+
+
+def test_a_worker_that_died_before_its_chord_fired_is_followed_by_the_parents_synthesis(
+    settings_for, r
+) -> None:
+    """A run closed its node, then its worker died before the chord's join sent the parent's
+    synthesis: the run's stale heartbeat brings that synthesis a lease later, as the sweeper
+    of any worker finds it, without waiting for the tree to go quiet. Once: the store picks
+    one sender."""
+    from workers import create_app, sweeper
+
+    app = create_app(settings_for())
+    store, settings = app.tasktree.store, app.tasktree.settings
+    tid = store.create_tree(TreeSpec.build(settings, "Two parts."))
+    parts = [{"requested_persona": f"p{i}", "task_details": f"d{i}"} for i in (1, 2)]
+    store.decide(tid, "0", "delegate", "two parts", parts, [], "w")
+    for child in ("0.1", "0.2"):
+        store.finish(tid, child, "completed", result=f"result of {child}")
+    live = keys.live(settings.node_queue)
+    stale = {keys.live_member(tid, "0.2", "node", "tag-2"): 0}  # its worker stopped beating
+    r.zadd(live, stale)
+    assert sweeper.sweep_once(app) == 1
+    message = json.loads(r.rpop(settings.synth_queue))
+    assert message["headers"]["task"] == messages.SYNTHESIZE
+    assert json.loads(base64.b64decode(message["body"]))[0] == [tid, "0"]
+    r.zadd(live, {keys.live_member(tid, "0.1", "node", "tag-1"): 0})  # its sibling's too
+    r.delete(keys.sweep_lock(settings.node_queue))
+    assert sweeper.sweep_once(app) == 0  # the synthesis was sent once
+    assert r.llen(settings.synth_queue) == 0
 
 
 def wait_for_a_leaf_on(client: Client, tid: str, worker: WorkerProcess) -> None:

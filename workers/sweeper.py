@@ -68,8 +68,18 @@ def redrive_dead_runs(app: Any, recovery: Recovery) -> int:
             tree, node = store.tree(tree_id, with_nodes=False), store.node(tree_id, node_id)
         except NotFoundError:
             continue  # the tree was deleted
-        if tree.status in TREE_IDLE or node.terminal:
+        if tree.status in TREE_IDLE:
             continue  # finished or interrupted: nothing to run
+        if node.terminal:  # its worker died after closing it, maybe before its chord fired
+            parent = messages.send_due_synthesis(app, tree_id, node_id)
+            if parent is not None:
+                log.warning(
+                    "re-sending the synthesis of node %s in tree %s: node %s's worker died "
+                    "before its chord fired",
+                    *(parent, tree_id, node_id),
+                )
+                sent += 1
+            continue
         log.warning("re-sending %s %s of tree %s: its run's worker died", kind, node_id, tree_id)
         if kind == "synthesis" or node.status == NodeStatus.SYNTHESIZING:
             messages.send_synthesis(app, tree_id, node_id, tree.synth_queue or settings.synth_queue)

@@ -80,22 +80,14 @@ def follow(task: Task, req: TaskRequest, outcome: Outcome) -> dict[str, Any]:
         task.replace(fan)  # returns (NodeTask.on_replace): the chord answers for this task now
         done = TaskResult(task_id=f"{req.tree_id}/{req.node_id}", success=True, status="delegated")
         return to_dict(done)
-    if not task.request.chord and req.node_id != keys.ROOT and outcome.status in NODE_TERMINAL:
-        store = task.app.tasktree.store
-        synth_queue = store.synthesis_due(req.tree_id, req.node_id)
-        if synth_queue:
-            parent = keys.parent_id(req.node_id)
+    if not task.request.chord and outcome.status in NODE_TERMINAL:
+        parent = messages.send_due_synthesis(task.app, req.tree_id, req.node_id)
+        if parent is not None:
             log.info(
-                "tree %s: node %s closed outside a chord; sending %s's synthesis",
+                "tree %s: node %s closed outside a chord; sent %s's synthesis",
                 req.tree_id,
                 req.node_id,
                 parent,
-            )
-            messages.send_synthesis(
-                task.app,
-                req.tree_id,
-                parent,
-                synth_queue if synth_queue != "-" else task.app.tasktree.settings.synth_queue,
             )
     return result_of(req.tree_id, req.node_id, outcome)
 
