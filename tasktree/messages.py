@@ -124,18 +124,19 @@ def node_message(req: TaskRequest, queue: str) -> str:
     )
 
 
-def send_due_synthesis(app: Any, tree_id: str, node_id: str) -> str | None:
+def send_due_synthesis(
+    app: Any, store: Store, tree_id: str, node_id: str, default_queue: str
+) -> str | None:
     """Send the parent's synthesis of a closed node that its chord did not count (its
     message was re-sent, or its worker died before the chord's join) if every sibling is
     closed and the parent still waits; the store picks one sender. The parent's id if sent."""
     if node_id == keys.ROOT:
         return None
-    due = app.tasktree.store.synthesis_due(tree_id, node_id)
+    due = store.synthesis_due(tree_id, node_id)
     if not due:
         return None
     parent = keys.parent_id(node_id)
-    queue = due if due != "-" else app.tasktree.settings.synth_queue
-    send_synthesis(app, tree_id, parent, queue)
+    send_synthesis(app, tree_id, parent, due if due != "-" else default_queue)
     return parent
 
 

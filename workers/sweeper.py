@@ -71,7 +71,7 @@ def redrive_dead_runs(app: Any, recovery: Recovery) -> int:
         if tree.status in TREE_IDLE:
             continue  # finished or interrupted: nothing to run
         if node.terminal:  # its worker died after closing it, maybe before its chord fired
-            parent = messages.send_due_synthesis(app, tree_id, node_id)
+            parent = messages.send_due_synthesis(app, store, tree_id, node_id, settings.synth_queue)
             if parent is not None:
                 log.warning(
                     "re-sending the synthesis of node %s in tree %s: node %s's worker died "

@@ -81,7 +81,10 @@ def follow(task: Task, req: TaskRequest, outcome: Outcome) -> dict[str, Any]:
         done = TaskResult(task_id=f"{req.tree_id}/{req.node_id}", success=True, status="delegated")
         return to_dict(done)
     if not task.request.chord and outcome.status in NODE_TERMINAL:
-        parent = messages.send_due_synthesis(task.app, req.tree_id, req.node_id)
+        runtime = task.app.tasktree
+        parent = messages.send_due_synthesis(
+            task.app, runtime.store, req.tree_id, req.node_id, runtime.settings.synth_queue
+        )
         if parent is not None:
             log.info(
                 "tree %s: node %s closed outside a chord; sent %s's synthesis",
