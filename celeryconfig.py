@@ -55,6 +55,13 @@ def config(settings: Settings) -> dict[str, Any]:
         },
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        # One result backend per worker process, not one per pool thread: tasktree's backend
+        # never subscribes to results (workers/backend.py), and the rest of it is a redis-py
+        # client, which threads share. Per thread, each of 256 threads built its own backend
+        # (reading redis-py's package metadata) and opened its own connection in its first
+        # task: a worker's first tree ran a tenth slower than the next.
+        "result_backend_thread_safe": True,
+        "redis_max_connections": settings.redis_connections,  # shared by the pool's threads
         "result_backend_always_retry": True,
         "result_backend_max_retries": 30,
         "result_expires": settings.result_ttl,

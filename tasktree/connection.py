@@ -87,6 +87,8 @@ def connect(url: str, settings: Settings | None = None, patient: bool = True) ->
     seconds = settings.redis_retry_seconds if settings and patient else 0.0
     opts["retry"] = Patience(seconds)
     opts["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
+    if settings is not None:
+        opts["max_connections"] = settings.redis_connections
     if url.startswith("rediss://") and settings is not None:
         opts["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
     if is_sentinel(url):

@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         """How long a claim on a node's step lasts unrenewed before another run may take it."""
         return self.step_lease
 
+    @property
+    def redis_connections(self) -> int:
+        """The most connections one Redis client of a process opens (opened as they are
+        needed): one per pool thread, and room for the process's own threads (heartbeat,
+        sweeper, a CLI's waiting and web view). redis-py's default, 100, would fail a store
+        call with "Too many connections" when more pool threads than that reach Redis at once."""
+        return self.concurrency + 32
+
     def limit_for(self, model: str) -> Limit:
         """The limits on `model`'s calls shared by every worker."""
         default = Limit(self.llm_concurrency or 0, self.llm_rpm or 0)

@@ -5,6 +5,7 @@ last, the result backend's chord script."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -241,3 +242,42 @@ def test_puts_together_sends_a_threads_messages_in_one_round_trip_at_its_end(red
     publish("alone")  # outside a block: at once
     assert r.llen("tt-transport-test") == 1
     conn.release()
+
+
+def test_a_process_serves_all_its_pool_threads_at_once_on_one_backend_and_store(
+    settings_for, r
+) -> None:
+    """Every pool thread of a worker may be in a Redis call at the same moment: the store's
+    client and the one result backend the threads share open that many connections, where
+    redis-py's default pool stops at 100 ("Too many connections")."""
+    import threading
+
+    from tasktree.store import Store
+    from workers import create_app
+
+    settings = settings_for(concurrency=150)
+    store = Store.from_settings(settings)
+    app = create_app(settings)
+    backends: list[Any] = []
+    failures: list[BaseException] = []
+    start = threading.Barrier(150)
+    app.backend  # noqa: B018 - as the worker's start step builds it, before any task runs
+
+    def pool_thread(i: int) -> None:
+        try:
+            backend = app.backend
+            backends.append(backend)
+            start.wait()
+            store.r.blpop([f"tt-nothing-{i}"], timeout=0.5)  # all 150 hold a connection now
+            backend.client.blpop([f"tt-nothing-{i}"], timeout=0.5)
+        except BaseException as e:  # noqa: BLE001 - collected and asserted below
+            failures.append(e)
+
+    threads = [threading.Thread(target=pool_thread, args=(i,)) for i in range(150)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len({id(b) for b in backends}) == 1  # one backend per process, not one per thread
+    assert int(r.info("clients")["connected_clients"]) >= 150

@@ -61,6 +61,7 @@ class TaskTreeStep(bootsteps.StartStopStep):
             announce(worker.app, worker.hostname)
         if isinstance(runtime.complete, Models):
             runtime.complete.warm()
+        worker.app.backend  # noqa: B018 - the process's one backend, before the threads ask at once
         runtime.sweepers.append(sweeper.start(worker.app))
 
     def stop(self, worker: Any) -> None:
