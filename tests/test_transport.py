@@ -5,9 +5,12 @@ last, the result backend's chord script."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import pytest
+import redis
 from kombu import Connection
 
 from tasktree.models import TreeSpec
@@ -70,6 +73,104 @@ def test_a_delivery_is_indexed_and_taken_out_in_one_round_trip_each(redis_url, r
     channel.qos.ack(tag)
     assert not r.hexists("unacked", tag)
     assert r.zscore("unacked_index", tag) is None
+    conn.release()
+
+
+def consuming_channel(url: str, prefetch: int) -> tuple[Connection, Any, list[tuple[str, bool]]]:
+    """A channel consuming queue tt-transport-test with this prefetch, and what it delivered:
+    (body, whether the message's unacked record was in Redis when the worker got it)."""
+    r = redis.Redis.from_url(url)
+    conn = Connection(url, transport=Transport)
+    channel: Any = conn.channel()
+    channel.queue_declare("tt-transport-test")
+    channel.basic_qos(0, prefetch, False)
+    got: list[tuple[str, bool]] = []
+
+    def on_message(message: Any) -> None:
+        got.append((message.body.decode(), bool(r.hexists("unacked", message.delivery_tag))))
+
+    channel.basic_consume("tt-transport-test", no_ack=False, callback=on_message, consumer_tag="t")
+    return conn, channel, got
+
+
+def read_once(channel: Any) -> None:
+    """One turn of the worker's loop on a readable BRPOP, as kombu's poller runs it."""
+    channel.client.connection = channel.client.connection_pool.get_connection()
+    channel._brpop_start(timeout=1)
+    assert channel._brpop_read() is True
+
+
+def publish(channel: Any, body: str) -> None:
+    message = channel.prepare_message(body)
+    channel.basic_publish(message, exchange="", routing_key="tt-transport-test")
+
+
+def test_a_read_takes_the_waiting_messages_each_on_record_before_it_runs(redis_url, r) -> None:
+    """After its BRPOP, one read takes more of the queue's messages in one script, as many as
+    the prefetch allows, oldest first, each on record as unacked before the worker gets it."""
+    conn, channel, got = consuming_channel(redis_url, prefetch=4)
+    for i in range(6):
+        publish(channel, f"m{i}")
+    read_once(channel)
+    assert got == [(f"m{i}", True) for i in range(4)]
+    assert r.llen("tt-transport-test") == 2  # beyond the prefetch: left for later
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 4
+    for tag in list(channel.qos._delivered):
+        channel.qos.ack(tag)  # no event loop: each ack leaves Redis at once, as kombu's
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0
+    read_once(channel)
+    assert got[4:] == [("m4", True), ("m5", True)]
+    conn.release()
+
+
+def test_a_malformed_message_among_those_taken_is_dropped_without_a_record(
+    redis_url, r, caplog
+) -> None:
+    conn, channel, got = consuming_channel(redis_url, prefetch=10)
+    publish(channel, "first")
+    for bad in MALFORMED:
+        r.lpush("tt-transport-test", bad)
+    publish(channel, "last")
+    with caplog.at_level(logging.ERROR, logger="tasktree.transport"):
+        read_once(channel)
+    assert got == [("first", True), ("last", True)]
+    assert caplog.text.count("dropped a malformed message") == len(MALFORMED)
+    assert r.llen("tt-transport-test") == 0
+    assert sorted(r.hkeys("unacked")) == sorted(channel.qos._delivered)
+    assert r.zcard("unacked_index") == 2
+    conn.release()
+
+
+def test_acks_on_an_event_loop_leave_redis_together_on_its_timer(redis_url, r) -> None:
+    """On a worker's loop an ack frees its prefetch slot at once; the loop's timer takes the
+    acked messages out of the unacked set together; closing the channel first takes out
+    what is still waiting, so nothing acked goes back to the queue."""
+    from kombu.asynchronous import Hub
+
+    from tasktree.transport import ACK_INTERVAL
+
+    conn, channel, got = consuming_channel(redis_url, prefetch=3)
+    hub = Hub()
+    conn.register_with_event_loop(hub)
+    for i in range(4):
+        publish(channel, f"m{i}")
+    read_once(channel)
+    assert len(got) == 3
+    for tag in list(channel.qos._delivered):
+        channel.qos.ack(tag)
+    assert channel.qos.can_consume_max_estimate() == 3  # the slots are free
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 3  # the records wait for the timer
+    time.sleep(ACK_INTERVAL * 1.5)
+    hub.fire_timers()
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0
+    read_once(channel)
+    [tag] = list(channel.qos._delivered)
+    channel.qos.ack(tag)
+    assert r.hlen("unacked") == 1
+    channel.close()  # before kombu restores what is unacked, what was acked leaves
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0
+    assert r.llen("tt-transport-test") == 0
+    hub.close()
     conn.release()
 
 
