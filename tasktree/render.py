@@ -213,7 +213,9 @@ def event_line(event_id: str, ev: dict[str, str]) -> str:
     if "decision" in ev:
         into = f" into {ev.get('children')} sub-tasks" if ev["decision"] == "delegate" else ""
         why = f" ({ev['note']})" if ev.get("note") else ""
-        return f"{ts} node {node} decided {ev['decision']}{into}{why}"
+        # At the depth limit the execute step's gate decides: one event says both.
+        then = f", executing worker={ev.get('worker')}" if ev.get("status") == "executing" else ""
+        return f"{ts} node {node} decided {ev['decision']}{into}{why}{then}"
     if "failed_calls" in ev:
         wait = max(0.0, float(ev.get("retry_at") or 0) - ms / 1000)
         why = ev.get("error", "")

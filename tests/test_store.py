@@ -482,10 +482,9 @@ def test_the_execute_gate_of_a_node_at_the_depth_limit_stores_its_decision(store
         "executing",
     )
     events = [e for _, e in store.events(tid)][2:]
-    assert [(e.get("decision"), e.get("note"), e["status"]) for e in events] == [
-        ("execute", "depth limit: decision call skipped", "queued"),
-        (None, None, "executing"),
-    ]
+    assert [(e.get("decision"), e.get("note"), e["status"], e["worker"]) for e in events] == [
+        ("execute", "depth limit: decision call skipped", "executing", "w"),
+    ]  # one event: the decision and the step it starts
 
 
 def test_the_depth_gate_sends_a_node_to_decide_when_its_limit_was_raised(store: Store) -> None:

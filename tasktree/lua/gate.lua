@@ -67,20 +67,21 @@ end
 redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
 if n.retry_at then redis.call('HDEL', KEYS[2], 'retry_at') end
 local set = {'call_at', ARGV[6]}
-if by_depth then  -- one event says the decision and why no call made it
+if by_depth then
   local notes = cjson.encode({ARGV[13]})
   for _, v in ipairs({'decision', 'execute', 'reason', ARGV[12], 'children', '', 'notes', notes}) do
     table.insert(set, v)
   end
-  emit(KEYS[1], KEYS[4], 'node', node_id, 'status', status, 'decision', 'execute',
-    'children', '0', 'note', ARGV[13], 'worker', ARGV[7], 'ts', ARGV[6])
 end
 if status ~= ARGV[5] then
   for _, v in ipairs({'status', ARGV[5], 'worker', ARGV[7]}) do table.insert(set, v) end
   if not n.started_at then table.insert(set, 'started_at'); table.insert(set, ARGV[6]) end
 end
 redis.call('HSET', KEYS[2], unpack(set))
-if status ~= ARGV[5] then
+if by_depth then  -- one event: the decision, why no call made it, and the step it starts
+  emit(KEYS[1], KEYS[4], 'node', node_id, 'status', ARGV[5], 'decision', 'execute',
+    'children', '0', 'note', ARGV[13], 'worker', ARGV[7], 'ts', ARGV[6])
+elseif status ~= ARGV[5] then
   emit(KEYS[1], KEYS[4], 'node', node_id, 'status', ARGV[5], 'worker', ARGV[7], 'ts', ARGV[6])
 end
 return {'OK', tostring(cap)}
