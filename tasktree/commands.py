@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from tasktree import render
 from tasktree.client import Client, Events, read_task
@@ -22,6 +22,9 @@ from tasktree.models import Tree, TreeSpec
 from tasktree.settings import Settings
 from tasktree.states import TREE_TERMINAL, TreeStatus
 from tasktree.store import Freed, Store
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_OK, EXIT_TREE_FAILED, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 130, 141
 CANCEL_GRACE = 5.0  # seconds a cancel waits for running calls before it ends the tree itself
@@ -41,20 +44,34 @@ def exit_status(tree: Tree) -> int:
     return EXIT_OK if tree.status == "completed" else EXIT_TREE_FAILED
 
 
-class _Console(Console):
-    def on_broken_pipe(self) -> None:  # Rich would exit 1; one path for every command
-        self.quiet = True
-        raise BrokenPipeError
+@functools.cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # Rich would exit 1; one path for every command
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console
+
+
+def _console(**options: Any) -> Console:
+    return _console_class()(**options)
 
 
 class Output:
-    """Where and how to print: Rich on a terminal, plain lines (never hard-wrapped) otherwise."""
+    """Where and how to print: Rich on a terminal, plain lines (never hard-wrapped) otherwise.
+    Rich is loaded by the first command that prints through it."""
 
-    def __init__(self) -> None:
-        self.console = _Console()
-        if not self.console.is_terminal:
-            self.console = _Console(width=100_000, soft_wrap=True)
-        self.err = _Console(stderr=True, soft_wrap=True)
+    @cached_property
+    def console(self) -> Console:
+        console = _console()
+        return console if console.is_terminal else _console(width=100_000, soft_wrap=True)
+
+    @cached_property
+    def err(self) -> Console:
+        return _console(stderr=True, soft_wrap=True)
 
     def json(self, doc: Any) -> None:
         sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")

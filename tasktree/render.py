@@ -1,16 +1,18 @@
-"""How trees look in a terminal (Rich) and in a document (markdown)."""
+"""How trees look in a terminal (Rich) and in a document (markdown). Rich is loaded by the
+first view drawn with it: a command that prints no tree never loads it."""
 
 from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any
-
-from rich.console import Group
-from rich.text import Text
-from rich.tree import Tree as RichTree
+from typing import TYPE_CHECKING, Any
 
 from tasktree.models import Node, Tree
+
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.text import Text
+    from rich.tree import Tree as RichTree
 
 STATUS_STYLE = {
     "queued": "dim",
@@ -93,6 +95,8 @@ def envelope(node: Node, tree: Tree) -> str:
 
 
 def node_label(node: Node, tree: Tree | None = None) -> Text:
+    from rich.text import Text
+
     label = Text(f"{node.id} ", style="bold")
     label.append(short(node.persona, 40))
     label.append(" — ", style="dim")
@@ -125,6 +129,8 @@ def node_label(node: Node, tree: Tree | None = None) -> Text:
 
 
 def summary(tree: Tree) -> Text:
+    from rich.text import Text
+
     total = max(len(tree.nodes), tree.reserved)
     running = sum(1 for n in tree.nodes if n.status in RUNNING)
     line = Text(f"tree {tree.id}  ", style="bold")
@@ -153,6 +159,10 @@ def summary(tree: Tree) -> Text:
 
 def tree_view(tree: Tree) -> Group:
     """A legend, one line per node nested as the tree, and a summary line under it."""
+    from rich.console import Group
+    from rich.text import Text
+    from rich.tree import Tree as RichTree
+
     by_parent: dict[str, list[Node]] = {}
     for n in tree.nodes:
         by_parent.setdefault(n.parent_id, []).append(n)
