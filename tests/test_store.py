@@ -125,10 +125,15 @@ def test_node_budget_holds_under_parallel_deciders(store: Store) -> None:
 def test_gate_claims_once_and_reports_busy_done_cancelled(store: Store) -> None:
     tid = store.create_tree(spec())
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"
+    claim = keys.claim(tid, "0", "decide")
+    assert store.r.get(claim) == "a"
+    assert 0 < store.r.pttl(claim) <= store.settings.lease_seconds * 1000
     busy = store.gate(tid, "0", "decide", "b", "deciding", "w")
     assert busy.verdict == "BUSY"
     assert int(busy.detail) > 0
+    store.r.pexpire(claim, 50)
     assert store.gate(tid, "0", "decide", "a", "deciding", "w").verdict == "OK"  # holder again
+    assert store.r.pttl(claim) > 50  # a lease anew
     store.decide(tid, "0", "execute", "r", [], [], "w")
     assert store.gate(tid, "0", "decide", "b", "deciding", "w").verdict == "DONE"
     Control(store).cancel(tid)
@@ -147,6 +152,8 @@ def test_gate_stops_calls_when_cost_or_token_budget_is_spent(store: Store) -> No
     record_call(store, tid2, "0", "decide", "m", 80, 20, 0.0, False, 0.1)
     g = store.gate(tid2, "0", "decide", "a", "deciding", "w")
     assert (g.verdict, g.detail) == ("EXHAUSTED", "token budget")
+    assert not store.r.exists(keys.claim(tid2, "0", "decide"))  # a refusal holds no claim
+    assert store.r.get(keys.claim(tid, "0", "decide")) == "a"  # nor drops one held before
     tree = store.tree(tid2)
     assert tree.cost_unknown
     assert tree.tokens == 100

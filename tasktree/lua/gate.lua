@@ -18,26 +18,35 @@ local tstatus = t[11]
 MAXLEN[KEYS[1]] = t[9] or '10000'
 if tstatus == 'interrupted' then return {'INTERRUPTED'} end
 if tstatus ~= 'running' then return {'CANCELLED'} end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
+-- The step's claim: taken here if nobody holds it, or this token's already (a retried call).
+local took = redis.call('SET', KEYS[3], token, 'NX', 'PX', ARGV[4])
+if not took then
+  local holder = redis.call('GET', KEYS[3])
+  if holder and holder ~= token then return {'BUSY', tostring(redis.call('PTTL', KEYS[3]))} end
+end
+-- A refusal from here on gives back a claim this gate took.
+local function refuse(reply)
+  if took then redis.call('DEL', KEYS[3]) end
+  return reply
+end
 -- A node at the depth limit has no decision call: its execute gate stores the decision. If the
 -- limit was raised since its run read it, it decides like any other node (UNDECIDED).
 local by_depth = ARGV[12] and not n.decision
-if by_depth and num(n.depth) < num(t[10]) then return {'UNDECIDED'} end
-if ARGV[12] and n.decision and n.decision ~= 'execute' then return {'DONE'} end
+if by_depth and num(n.depth) < num(t[10]) then return refuse({'UNDECIDED'}) end
+if ARGV[12] and n.decision and n.decision ~= 'execute' then return refuse({'DONE'}) end
 if n['resv_' .. step] then  -- left by a run that lost this step's claim
   unreserve(KEYS[1], KEYS[2], step, nil)
   t = redis.call('HMGET', KEYS[1], 'max_cost', 'cost_usd', 'max_tokens', 'prompt_tokens',
     'completion_tokens', 'reserved_tokens', 'reserved_cost', 'envelopes')
 end
-if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return {'EXHAUSTED', 'cost budget'} end
-if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return {'EXHAUSTED', 'token budget'} end
+if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return refuse({'EXHAUSTED', 'cost budget'}) end
+if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return refuse({'EXHAUSTED', 'token budget'}) end
 -- With envelopes, the tightest envelope on the node's chain may leave less than the tree.
 local envelopes = t[8] == '1'  -- the tree's `envelopes`, read with its budgets
 local _, env_tokens, env_cost = nil, nil, nil
 if envelopes then _, env_tokens, env_cost = envelope_room(KEYS[2]) end
-if env_cost and env_cost <= 0 then return {'EXHAUSTED', 'cost envelope'} end
-if env_tokens and env_tokens <= 0 then return {'EXHAUSTED', 'token envelope'} end
+if env_cost and env_cost <= 0 then return refuse({'EXHAUSTED', 'cost envelope'}) end
+if env_tokens and env_tokens <= 0 then return refuse({'EXHAUSTED', 'token envelope'}) end
 local cap, prompt = num(ARGV[8]), num(ARGV[9])
 local per_in, per_out = num(ARGV[10]), num(ARGV[11])
 local MIN_COMPLETION = 16
@@ -46,14 +55,14 @@ if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
     local left, what = num(t[3]) - num(t[4]) - num(t[5]) - num(t[6]), 'token budget'
     if env_tokens and env_tokens < left then left, what = env_tokens, 'token envelope' end
     left = left - prompt
-    if left < MIN_COMPLETION then return {'EXHAUSTED', what} end
+    if left < MIN_COMPLETION then return refuse({'EXHAUSTED', what}) end
     cap = math.min(cap, left)
   end
   if num(t[1]) > 0 and per_out > 0 then
     local left, what = num(t[1]) - num(t[2]) - num(t[7]), 'cost budget'
     if env_cost and env_cost < left then left, what = env_cost, 'cost envelope' end
     local fits = math.floor((left - prompt * per_in) / per_out)
-    if fits < MIN_COMPLETION then return {'EXHAUSTED', what} end
+    if fits < MIN_COMPLETION then return refuse({'EXHAUSTED', what}) end
     cap = math.min(cap, fits)
   end
   local tokens, cost = prompt + cap, prompt * per_in + cap * per_out
@@ -64,7 +73,7 @@ if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
 else
   cap = 0
 end
-redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
+if not took then redis.call('SET', KEYS[3], token, 'PX', ARGV[4]) end  -- a lease anew
 if n.retry_at then redis.call('HDEL', KEYS[2], 'retry_at') end
 local set = {'call_at', ARGV[6]}
 if by_depth then
