@@ -106,7 +106,7 @@ class Leases:
         for queue, member in received:
             by_queue.setdefault(queue, []).append(member)
         try:
-            self.store.renew([], by_queue, [], self.lease_seconds)
+            self.store.renew([], by_queue, [], self.lease_seconds, check=False)  # just received
         except StoreError:
             with self._lock:
                 self._received |= received

@@ -429,11 +429,12 @@ class Store:
         released: list[tuple[str, str]],
         lease_seconds: float,
         slots: dict[str, list[str]] | None = None,
+        check: bool = True,
     ) -> int:
         """One heartbeat, in one round trip: extend each (tree, node, step, token) claim its
         token still holds, and each model's call `slots`; score each queue's `held` live
-        members now; take the `released` (queue, member) pairs off. Returns how many claims
-        were extended."""
+        members now (unless `check` is off, taking off those whose node has closed); take the
+        `released` (queue, member) pairs off. Returns how many claims were extended."""
         ms = int(lease_seconds * 1000)
 
         def renew(loaded: bool = False) -> list[Any]:
@@ -443,8 +444,8 @@ class Store:
             for model, tokens in (slots or {}).items():
                 self._pipe_script(pipe, "reslot", [keys.slots(model)], [ms, *tokens])
             for queue, members in held.items():
-                live = [keys.live(queue), *map(keys.node_of_live_member, members)]
-                self._pipe_script(pipe, "live", live, members)
+                nodes = map(keys.node_of_live_member, members) if check else ()
+                self._pipe_script(pipe, "live", [keys.live(queue), *nodes], members)
             gone: dict[str, list[str]] = {}
             for queue, member in released:
                 gone.setdefault(queue, []).append(member)

@@ -539,6 +539,23 @@ def test_a_message_stops_being_live_when_its_heartbeat_is_a_lease_old(store: Sto
     assert recovery.dead_runs(lease_seconds=0) == []
 
 
+def test_messages_just_received_are_listed_unchecked_and_the_next_beat_checks_them(
+    store: Store,
+) -> None:
+    """The beat thread lists a burst as received without reading each member's node (one
+    command, not one per member); a beat reads them, and takes off a closed node's member."""
+    tid = store.create_tree(spec())
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    store.finish(tid, "0.1", "completed", result="a")
+    q = store.settings.node_queue
+    closed = keys.live_member(tid, "0.1", "node", "tag-1")
+    running = keys.live_member(tid, "0.2", "node", "tag-2")
+    store.renew([], {q: [closed, running]}, [], 15, check=False)
+    assert sorted(store.r.zrange(keys.live(q), 0, -1)) == sorted([closed, running])
+    store.renew([], {q: [closed, running]}, [], 15)
+    assert store.r.zrange(keys.live(q), 0, -1) == [running]
+
+
 def test_the_heartbeat_lists_what_the_process_holds_and_drops_what_it_let_go(
     store: Store,
 ) -> None:
