@@ -256,7 +256,8 @@ def test_delivery_tags_are_unique_across_threads_and_a_forked_child(redis_url) -
 
 def test_a_chords_keys_expiry_is_refreshed_only_once_half_of_it_ran_out(r) -> None:
     """The result backend's chord script (workers/backend.py): Celery's, with one TTL instead
-    of five EXPIREs for a child that returns while the keys have most of their time left."""
+    of five EXPIREs for a child that returns while the keys have most of their time left, and
+    a child's return counted once however often it comes."""
     from workers.backend import CHORD_PART_RETURN_LUA
 
     script = r.register_script(CHORD_PART_RETURN_LUA)
@@ -268,6 +269,8 @@ def test_a_chords_keys_expiry_is_refreshed_only_once_half_of_it_ran_out(r) -> No
         return script(keys=names, args=[task_id, value, 1, index, 100, 100, 10, "token"])
 
     assert part("a", 0)[0] == 1  # the first child's return: every key gets the full expiry
+    assert part("a", 0)[0] == 1  # the same return again (a redelivery) counts once
+    assert r.zcard("g.j") == r.scard("g.d") == 1
     assert 95 <= r.ttl("g.j") <= 100
     assert 95 <= r.ttl("g.s") <= 100
     r.expire("g.j", 60)  # as if 40 s went by: more than half is left
