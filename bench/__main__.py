@@ -326,8 +326,8 @@ def single_call(b: Bench) -> list[str]:
 #: The CLI as the base install runs it: without the `otel` extra, whose SDK redis-py imports
 #: at `import redis` when it is installed (this venv has it, for the tests).
 BASE_INSTALL = (
-    "import sys; sys.modules['opentelemetry'] = None; from tasktree.cli import run; "
-    "sys.argv = ['tasktree', *sys.argv[1:]]; run()"
+    "import sys; sys.modules['opentelemetry'] = None; from tasktree.__main__ import main; "
+    "sys.argv = ['tasktree', *sys.argv[1:]]; main()"
 )
 
 
