@@ -53,16 +53,12 @@ ACK_BATCH = 500  # acks waiting that leave at once
 TAKE = 16  # messages a worker takes, at most, after the one its BRPOP brought
 
 #: KEYS: the unacked index and hash, then the queue's lists (by priority). ARGV: how many to
-#: take, the index score (now), and the BRPOP'd message's tag and unacked record, if any.
-#: Returns, per message taken: its list (1-based among the lists), payload, and 1 if its
-#: record was written (0: not a kombu envelope, which the worker drops unrecorded).
+#: take, the index score (now), the BRPOP'd message's tag and unacked record. Returns, per
+#: message taken, its payload and 1 if its record was written (0: not a kombu envelope, which
+#: the worker drops unrecorded).
 TAKE_LUA = """
 local n, now = tonumber(ARGV[1]), ARGV[2]
-local index, hash, out = {}, {}, {}
-if ARGV[3] then
-  table.insert(index, now); table.insert(index, ARGV[3])
-  table.insert(hash, ARGV[3]); table.insert(hash, ARGV[4])
-end
+local index, hash, out = {now, ARGV[3]}, {ARGV[3], ARGV[4]}, {}
 for i = 3, #KEYS do
   if n <= 0 then break end
   local items = redis.pcall('RPOP', KEYS[i], n)
@@ -86,14 +82,12 @@ for i = 3, #KEYS do
         .. cjson.encode(d.routing_key) .. ']')
       recorded = 1
     end
-    table.insert(out, i - 2); table.insert(out, item); table.insert(out, recorded)
+    table.insert(out, item); table.insert(out, recorded)
     n = n - 1
   end
 end
-if #index > 0 then
-  redis.call('ZADD', KEYS[1], unpack(index))
-  redis.call('HSET', KEYS[2], unpack(hash))
-end
+redis.call('ZADD', KEYS[1], unpack(index))
+redis.call('HSET', KEYS[2], unpack(hash))
 return out
 """
 
@@ -354,11 +348,11 @@ class _Safe:
             )
         qos.recorded.add(tag)
         taken: list[tuple[str, Any, str | None]] = []
-        for i in range(0, len(out), 3):
-            raw = bytes_to_str(out[i + 1])
+        for i in range(0, len(out), 2):
+            raw = bytes_to_str(out[i])
             try:
                 payload = loads(raw)
-                recorded = payload["properties"]["delivery_tag"] if out[i + 2] else None
+                recorded = payload["properties"]["delivery_tag"] if out[i + 1] else None
             except MALFORMED as e:
                 _dropped(queue, e)  # taken off the queue, and no record was written
                 continue
