@@ -118,7 +118,8 @@ def claim(tree_id: str, node_id: str, step: str) -> str:
 
 
 def calls(tree_id: str) -> str:
-    """Set: the ids of the tree's model calls already counted (a re-sent script skips them)."""
+    """Set: the ids of the tree's failed model calls already counted (a re-sent script skips
+    them). A recorded call's id is kept in its node (`call_ids`)."""
     return f"{_tag(tree_id)}:calls"
 
 

@@ -331,7 +331,6 @@ class Store:
                 keys.tree(tree_id),
                 keys.node(tree_id, node_id),
                 keys.claim(tree_id, node_id, rec.step),
-                keys.calls(tree_id),
             ],
             rec.args(node_id),
         )

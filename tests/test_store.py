@@ -412,6 +412,14 @@ def test_a_call_is_recorded_once_when_its_script_is_sent_again(store: Store) -> 
     assert record_call(store, tid, "0", *usage, token="t", call_id="t:1") == 0  # a re-send
     assert store.node(tid, "0").calls == 1
     assert store.tree(tid, with_nodes=False).tokens == 150
+    # The node knows its last 32 calls' ids: a re-send comes right after its first.
+    for i in range(2, 40):
+        assert record_call(store, tid, "0", *usage, token="t", call_id=f"t:{i}") == 1
+    assert record_call(store, tid, "0", *usage, token="t", call_id="t:39") == 0
+    assert record_call(store, tid, "0", *usage, token="t", call_id="t:8") == 0
+    assert store.node(tid, "0").calls == 39
+    ids = store.r.hget(keys.node(tid, "0"), "call_ids").split(",")
+    assert len(ids) == 32 and ids[-1] == "0:t:39"
 
 
 def test_a_failed_call_counts_once_when_its_script_is_sent_again(store: Store) -> None:
@@ -591,6 +599,7 @@ def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it()
     store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
     store.begin_run(tid, "0.1", "run-a")  # a run that never ends
     record_call(store, tid, "0.1", "decide", "m", 1, 1, 0.0, True, 0.1, call_id="c1")
+    store.call_failed(tid, "0.1", "decide", "a 503", 0.0, call_id="c2")  # the failed calls' set
     store.finish(tid, "0.2", "completed", result="b")
     assert all(r.ttl(k) == -1 for k in r.keys(f"tasktree:{{{tid}}}:*"))  # running: kept
     store.finish(tid, "0", "completed", result="synth")

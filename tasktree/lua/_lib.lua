@@ -157,12 +157,23 @@ end
 -- 'status', which the caller adds last).
 local function call_fields(step)
   return {'decision', 'resv_' .. step, 'waiting', 'kept_' .. step, 'lat_' .. step, 'calls',
-    'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens'},
+    'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens', 'call_ids'},
     {'envelopes', 'calls', 'prompt_tokens', 'completion_tokens', 'waste_calls', 'waste_tokens'}
 end
 
 local function put(list, ...)
   for _, v in ipairs({...}) do table.insert(list, v) end
+end
+
+-- A node's counted calls are known by their ids in its `call_ids` field (comma-separated,
+-- the last CALL_IDS): a script re-sent after a lost reply comes right after the first, and
+-- no node makes that many calls in between. The field with `id` added, oldest dropped.
+local CALL_IDS = 32
+local function recent_ids(seen, id)
+  local ids = {}
+  for x in string.gmatch(seen, '[^,]+') do table.insert(ids, x) end
+  table.insert(ids, id)
+  return table.concat(ids, ',', math.max(1, #ids - CALL_IDS + 1))
 end
 
 -- A model call's usage, added to its node and tree once (per call id), for the claim holder.
@@ -176,11 +187,12 @@ end
 -- count_call counts the call into `nset` and `tset` (field, value lists the caller HSETs on
 -- the node and the tree) from `n` and `t` (read with call_fields) and `holder` (the step's
 -- claim), so the caller writes each hash once, with whatever else it stores there.
-local function count_call(tree_key, node_key, calls_key, a, keep, n, t, holder, nset, tset)
+local function count_call(tree_key, node_key, a, keep, n, t, holder, nset, tset)
   local step, token = a[1], a[8]
   local resv, kept_f, lat_f = 'resv_' .. step, 'kept_' .. step, 'lat_' .. step
-  if redis.call('SADD', calls_key, a[10]) == 0 then return 0 end
-  inherit_ttl(tree_key, calls_key, t.status)
+  local seen = n.call_ids or ''
+  if string.find(',' .. seen .. ',', ',' .. a[10] .. ',', 1, true) then return 0 end
+  put(nset, 'call_ids', recent_ids(seen, a[10]))
   if n[resv] then  -- usage replaces the worst case
     unreserve(tree_key, node_key, step, token)
     n[resv] = nil
@@ -241,11 +253,11 @@ local function read_for_call(tree_key, node_key, step, extra_n, extra_t)
 end
 
 -- The same, as a script of its own (record.lua): the call's reads and writes only.
-local function record_call(tree_key, node_key, claim_key, calls_key, a, keep)
+local function record_call(tree_key, node_key, claim_key, a, keep)
   local n, t = read_for_call(tree_key, node_key, a[1], {}, {})
   if not n.status or not t.status then return -1 end
   local nset, tset = {}, {}
-  local r = count_call(tree_key, node_key, calls_key, a, keep, n, t,
+  local r = count_call(tree_key, node_key, a, keep, n, t,
     redis.call('GET', claim_key), nset, tset)
   hset(node_key, nset)
   hset(tree_key, tset)

@@ -1,7 +1,7 @@
 -- A model call failed in a way worth retrying: count it against the step, once per call id,
 -- say when the next try is due, and tell the watchers. Returns the step's failed calls so far
 -- (-1: no node). A re-sent script (same call id) counts nothing and returns the count.
--- KEYS: tree, node, events, the tree's counted calls ; ARGV: node_id, step, error, retry_at, now, call id
+-- KEYS: tree, node, events, the tree's counted failed calls ; ARGV: node_id, step, error, retry_at, now, call id
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('SADD', KEYS[4], ARGV[6]) == 0 then
   return tonumber(redis.call('HGET', KEYS[2], 'failed_' .. ARGV[2]) or '0')

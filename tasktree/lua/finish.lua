@@ -1,5 +1,5 @@
 -- Close a node once (completed, failed, cancelled, budget_exhausted); closing the root closes the tree.
--- KEYS: tree, node, events, claim, nodes, calls
+-- KEYS: tree, node, events, claim, nodes, calls (the failed calls' ids: retained with the tree)
 -- ARGV: node_id, status, result, error, now, worker, only_if (required current status, or ''), note, context_keys JSON,
 --       token (the run's: the claim of the step this closes, or '' when no run is behind it),
 --       node key prefix (for the retention of the tree's keys when it ends)
@@ -23,7 +23,7 @@ local function written(reply)
   hset(KEYS[1], counts)
   return reply
 end
-if call and count_call(KEYS[1], KEYS[2], KEYS[6], call, false, n, t, holder, set, counts) == 2 then
+if call and count_call(KEYS[1], KEYS[2], call, false, n, t, holder, set, counts) == 2 then
   return written({'FENCED', ''})
 end
 if TERMINAL[cur] then return written({'ALREADY', cur}) end
