@@ -32,6 +32,8 @@ AFTER_POLL = 1.0
 #: that stores it, in one round trip.
 STORED_WITH_CALL = frozenset({Step.EXECUTE, Step.SYNTHESIZE})
 
+#: Seconds a node waits when the budget's room is reserved by calls in flight.
+RESERVED_WAIT = 0.5
 #: The decision of a node at the depth limit (reason, note): no call decides it.
 BY_DEPTH = ("depth limit reached", "depth limit: decision call skipped")
 
@@ -391,6 +393,8 @@ class NodeRun:
         if verdict == Verdict.BUSY:  # another run holds this step: look when its lease may be up
             pttl = max(0, int(detail or 0)) / 1000
             return Retry(min(max(pttl, 0.2), 2.0), reason="another run holds the step")
+        if verdict == Verdict.RESERVED:  # their calls end soon, and give back what they held
+            return Retry(RESERVED_WAIT, reason=f"the {detail} is reserved by calls in flight")
         if verdict == Verdict.DONE:
             node = self.store.node(self.tree_id, self.node_id)
             if node.terminal:

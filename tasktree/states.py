@@ -59,6 +59,7 @@ class Verdict(StrEnum):
     CANCELLED = "CANCELLED"
     INTERRUPTED = "INTERRUPTED"
     EXHAUSTED = "EXHAUSTED"  # a token or cost budget is spent
+    RESERVED = "RESERVED"  # its room is held by the worst cases of calls in flight: wait
     MISSING = "MISSING"  # no such node
     UNDECIDED = "UNDECIDED"  # the depth limit was raised: the node must decide first
 

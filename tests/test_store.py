@@ -629,10 +629,12 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
     # 300 prompt tokens and a cap of 4096: shrunk to the 700 left.
     gate = store.gate(tid, "0.1", "execute", "a", "executing", "w", (4096, 300, 0.0, 0.0))
     assert (gate.verdict, gate.detail, reserved()) == ("OK", "700", 1000)
-    # Nothing is left for a second call racing the first.
+    # Nothing is left for a second call racing the first, but only because the first's worst
+    # case holds it: the second waits for it (its node stays open, no claim held).
     assert store.gate(tid, "0.2", "execute", "b", "executing", "w", (4096, 300, 0.0, 0.0)) == (
-        Gate("EXHAUSTED", "token budget")
+        Gate("RESERVED", "token budget")
     )
+    assert not store.r.exists(keys.claim(tid, "0.2", "execute"))
     # The call used 300 + 50: the reservation is replaced by the actual usage.
     record_call(store, tid, "0.1", "execute", "m", 300, 50, 0.0, True, 0.1, token="a", call_id="1")
     assert reserved() == 0
@@ -646,6 +648,23 @@ def test_a_budget_reservation_is_made_shrunk_refused_and_always_given_back(store
     assert reserved() == 400  # the dead run's reservation was given back, the new one made
     store.finish(tid, "0.3", "failed", error="boom")
     assert reserved() == 0  # a node that closes gives back what it still held
+
+
+def test_a_call_waits_for_reserved_room_and_stops_only_on_a_spent_budget(store: Store) -> None:
+    for budget, per_token in (({"max_tokens": 1000}, 0.0), ({"max_cost": 1.0}, 0.001)):
+        tid = store.create_tree(spec(**budget))
+        store.decide(tid, "0", "delegate", "r", subs(3), [], "w")
+        what = "token budget" if per_token == 0 else "cost budget"
+        costs = (4096, 300, per_token, per_token)
+        assert store.gate(tid, "0.1", "execute", "a", "executing", "w", costs).verdict == "OK"
+        assert store.gate(tid, "0.2", "execute", "b", "executing", "w", costs) == (
+            Gate("RESERVED", what)
+        )
+        cost = 900 * per_token  # 300 + 600 tokens used: 100 tokens' worth left, under a prompt
+        record_call(store, tid, "0.1", "execute", "m", 300, 600, cost, False, 0.1, token="a")
+        assert store.gate(tid, "0.2", "execute", "b", "executing", "w", costs) == (
+            Gate("EXHAUSTED", what)
+        )
 
 
 def test_a_run_lists_its_message_in_its_first_round_trip_while_its_node_is_open(

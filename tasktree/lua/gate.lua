@@ -4,7 +4,8 @@
 --       completion cap (0: reserve nothing), prompt tokens, USD per input token, per output token
 --       [, reason, note: an undecided node at the depth limit decides to execute here]
 -- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
--- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}.
+-- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}. When
+-- only the worst cases reserved by calls in flight leave no room, RESERVED: try again later.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
 local n = fields(KEYS[2], 'decision', 'resv_' .. step, 'retry_at', 'started_at', 'depth', 'status')
 local status = n.status
@@ -55,14 +56,27 @@ if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
     local left, what = num(t[3]) - num(t[4]) - num(t[5]) - num(t[6]), 'token budget'
     if env_tokens and env_tokens < left then left, what = env_tokens, 'token envelope' end
     left = left - prompt
-    if left < MIN_COMPLETION then return refuse({'EXHAUSTED', what}) end
+    if left < MIN_COMPLETION then
+      -- Room that calls in flight hold as their worst case comes back as they end: wait.
+      local free = num(t[3]) - num(t[4]) - num(t[5]) - prompt
+      if what == 'token budget' and num(t[6]) > 0 and free >= MIN_COMPLETION then
+        return refuse({'RESERVED', what})
+      end
+      return refuse({'EXHAUSTED', what})
+    end
     cap = math.min(cap, left)
   end
   if num(t[1]) > 0 and per_out > 0 then
     local left, what = num(t[1]) - num(t[2]) - num(t[7]), 'cost budget'
     if env_cost and env_cost < left then left, what = env_cost, 'cost envelope' end
     local fits = math.floor((left - prompt * per_in) / per_out)
-    if fits < MIN_COMPLETION then return refuse({'EXHAUSTED', what}) end
+    if fits < MIN_COMPLETION then
+      local free = math.floor((num(t[1]) - num(t[2]) - prompt * per_in) / per_out)
+      if what == 'cost budget' and num(t[7]) > 0 and free >= MIN_COMPLETION then
+        return refuse({'RESERVED', what})
+      end
+      return refuse({'EXHAUSTED', what})
+    end
     cap = math.min(cap, fits)
   end
   local tokens, cost = prompt + cap, prompt * per_in + cap * per_out
