@@ -419,7 +419,8 @@ def test_a_call_is_recorded_once_when_its_script_is_sent_again(store: Store) -> 
     assert record_call(store, tid, "0", *usage, token="t", call_id="t:8") == 0
     assert store.node(tid, "0").calls == 39
     ids = store.r.hget(keys.node(tid, "0"), "call_ids").split(",")
-    assert len(ids) == 32 and ids[-1] == "0:t:39"
+    assert len(ids) == 32
+    assert ids[-1] == "0:t:39"
 
 
 def test_a_failed_call_counts_once_when_its_script_is_sent_again(store: Store) -> None:
