@@ -262,16 +262,17 @@ def test_a_chords_keys_expiry_is_refreshed_only_once_half_of_it_ran_out(r) -> No
 
     script = r.register_script(CHORD_PART_RETURN_LUA)
     names = ["g.j", "g.t", "g.s", "g.d", "g", "g.c"]
-    r.set("g.s", 3)  # the chord's size, as apply_chord leaves it (no expiry in this test)
+    r.set("g.s", 3, ex=100)  # the chord's size, as Celery's set_chord_size leaves it
 
     def part(task_id: str, index: int) -> list[object]:
         value = f'[1, "{task_id}", "SUCCESS", null]'
         return script(keys=names, args=[task_id, value, 1, index, 100, 100, 10, "token"])
 
-    assert part("a", 0)[0] == 1  # the first child's return: every key gets the full expiry
+    assert part("a", 0)[0] == 1  # the first child's return: the keys it made get the expiry
     assert part("a", 0)[0] == 1  # the same return again (a redelivery) counts once
     assert r.zcard("g.j") == r.scard("g.d") == 1
     assert 95 <= r.ttl("g.j") <= 100
+    assert 95 <= r.ttl("g.d") <= 100
     assert 95 <= r.ttl("g.s") <= 100
     r.expire("g.j", 60)  # as if 40 s went by: more than half is left
     r.expire("g.s", 60)
@@ -283,6 +284,14 @@ def test_a_chords_keys_expiry_is_refreshed_only_once_half_of_it_ran_out(r) -> No
     assert r.ttl("g.j") >= 95
     assert r.ttl("g.s") >= 95
     assert r.ttl("g.d") >= 95
+    # A chord grown by a replaced member has an adjustment key (INCR: no expiry): the first
+    # child's return gives it one.
+    r.set("h.s", 2, ex=100)
+    r.incr("h.t")
+    h = ["h.j", "h.t", "h.s", "h.d", "h", "h.c"]
+    value = '[1, "x", "SUCCESS", null]'
+    assert script(keys=h, args=["x", value, 1, 0, 100, 100, 10, "token"]) == [1, "1", "2", 0]
+    assert 95 <= r.ttl("h.t") <= 100
 
 
 def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r) -> None:

@@ -25,9 +25,9 @@ if hashlib.sha1(celery_redis.CHORD_PART_RETURN_LUA.encode()).hexdigest() != CELE
 
 #: Celery's chord-part script in seven commands per child (the call itself counted) where it
 #: takes thirteen or more: SADD's reply says whether the child is new (no SISMEMBER), one MGET
-#: reads the chord's size and its adjustment, and the keys' expiry is refreshed only when a
-#: key is new (TTL -1) or past half its life (one TTL, not five EXPIREs): the same window,
-#: give or take half of result_expires.
+#: reads the chord's size and its adjustment, and the keys' expiry is set by the first child
+#: on the keys it made and refreshed on all of them only past half their life (one TTL, not
+#: five EXPIREs): the same window, give or take half of result_expires.
 CHORD_PART_RETURN_LUA = """
 local jkey, tkey, skey, dkey, gkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local tid, value, ordered, score = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -53,16 +53,25 @@ if ordered == '1' then
 else
     readycount = redis.call('LLEN', jkey)
 end
-if expires > 0 and redis.call('TTL', jkey) < expires / 2 then
-    for _, key in ipairs({jkey, tkey, skey, dkey}) do
-        redis.call('EXPIRE', key, expires)
-    end
-    if group_expires > 0 then
-        redis.call('EXPIRE', gkey, group_expires)
-    end
-end
 local sizes = redis.call('MGET', tkey, skey)
 local totaldiff, size = sizes[1], sizes[2]
+if expires > 0 then
+    local ttl = redis.call('TTL', jkey)
+    if ttl == -1 then
+        -- The first child: the keys it made, and the adjustment's (INCR leaves it without one).
+        -- The size key and the group's got theirs when the chord was made.
+        redis.call('EXPIRE', jkey, expires)
+        redis.call('EXPIRE', dkey, expires)
+        if totaldiff then redis.call('EXPIRE', tkey, expires) end
+    elseif ttl < expires / 2 then
+        for _, key in ipairs({jkey, tkey, skey, dkey}) do
+            redis.call('EXPIRE', key, expires)
+        end
+        if group_expires > 0 then
+            redis.call('EXPIRE', gkey, group_expires)
+        end
+    end
+end
 local claimed = 0
 if size and readycount == tonumber(size) + tonumber(totaldiff or 0) then
     if redis.call('SET', ckey, claim_token, 'NX', 'EX', claim_expires) then
