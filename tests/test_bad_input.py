@@ -217,6 +217,7 @@ def test_raw_messages_that_do_not_validate(env, r, client, start_workers) -> Non
     before = snapshot(r)
     results = [app.send_task("tasktree.node", args=[p]) for p in unnamed]
     wait_for(lambda: all(r.exists(f"celery-task-meta-{x.id}") for x in results))
+    wait_for(lambda: not r.exists("unacked", "unacked_index"))  # acked (in batches, 0.1 s)
     stored = {k: v for k, v in ((k, r.get(k)) for k in r.keys("celery-task-meta-*"))}
     for k in stored:
         r.delete(k)
