@@ -320,20 +320,19 @@ class _Safe:
         except MALFORMED as e:
             _dropped(queue, e)
             return True
-        taken = [(queue, first, tag), *self._take(queue, tag, record)]
-        for name, payload, recorded in taken:
+        for payload, recorded in [(first, tag), *self._take(queue, tag, record)]:
             try:
-                self.connection._deliver(payload, name)  # type: ignore[attr-defined]
+                self.connection._deliver(payload, queue)  # type: ignore[attr-defined]
             except MALFORMED as e:  # not a message kombu can build: dropped, record and all
-                _dropped(name, e)
+                _dropped(queue, e)
                 if recorded:
                     self.qos.recorded.discard(recorded)  # type: ignore[attr-defined]
                     self.qos._remove_from_indices(recorded).execute()  # type: ignore[attr-defined]
         return True
 
-    def _take(self, queue: str, tag: str, record: str) -> list[tuple[str, Any, str | None]]:
+    def _take(self, queue: str, tag: str, record: str) -> list[tuple[Any, str | None]]:
         """Write the BRPOP'd message's record, and take up to TAKE more messages of its queue
-        with theirs, in one script; returns them (queue, payload, tag if recorded)."""
+        with theirs, in one script; returns them (payload, tag if recorded)."""
         qos = self.qos  # type: ignore[attr-defined]
         room = qos.can_consume_max_estimate()
         n = TAKE if room is None else max(0, min(TAKE, room - 1))
@@ -347,7 +346,7 @@ class _Safe:
                 client=client,
             )
         qos.recorded.add(tag)
-        taken: list[tuple[str, Any, str | None]] = []
+        taken: list[tuple[Any, str | None]] = []
         for i in range(0, len(out), 2):
             raw = bytes_to_str(out[i])
             try:
@@ -358,7 +357,7 @@ class _Safe:
                 continue
             if recorded:
                 qos.recorded.add(recorded)
-            taken.append((queue, payload, recorded))
+            taken.append((payload, recorded))
         return taken
 
     def _get(self, queue: str, timeout: Any = None) -> Any:  # kombu's redis one takes no timeout
