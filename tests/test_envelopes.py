@@ -15,7 +15,7 @@ from tasktree import keys
 from tasktree.control import Control
 from tasktree.models import TreeSpec
 from tasktree.settings import load
-from tasktree.store import Store
+from tasktree.store import Gate, Store
 from tests.helpers import record_call
 from tests.terminal import cli_json
 
@@ -137,6 +137,39 @@ def test_reservations_count_against_every_envelope_on_the_chain(store: Store) ->
     store.release(tid, "0.1", "execute", "a")  # the call failed: its reservation goes back
     chain = [store.r.hgetall(keys.node(tid, n)) for n in ("0.1", "0")]
     assert [h.get("held_tokens") for h in chain] == ["0", "0"]
+
+
+def test_a_call_waits_when_calls_in_flight_hold_an_envelopes_room(store: Store) -> None:
+    """An envelope whose room is only held by calls in flight makes a call wait (RESERVED),
+    not close its node: the holds come back as those calls end."""
+    tid = store.create_tree(spec(max_tokens=1000))
+    store.decide(tid, "0", "delegate", "r", subs(2), [], "w")
+    store.decide(tid, "0.1", "delegate", "r", subs(3), [], "w")
+    env = store.node(tid, "0.1").env_tokens
+    kid = store.node(tid, "0.1.1").env_tokens
+    assert 3 * kid < env < 1000  # 0.1's envelope binds its children, the tree's budget does not
+    costs = (1000, 10, 0.0, 0.0)
+    assert store.gate(tid, "0.1.1", "execute", "a", "executing", "w", costs) == (
+        Gate("OK", str(kid - 10))
+    )
+    # 0.1.3's call used more than its share (a provider counted more than the estimate):
+    # what 0.1's envelope has left is held by 0.1.1's call in flight.
+    store.gate(tid, "0.1.3", "execute", "c", "executing", "w", (20, 10, 0.0, 0.0))
+    over = env - kid - 5
+    record_call(store, tid, "0.1.3", "execute", "m", 10, over - 10, 0.0, True, 0.1, token="c")
+    assert store.gate(tid, "0.1.2", "execute", "b", "executing", "w", costs) == (
+        Gate("RESERVED", "token envelope")
+    )
+    assert not store.r.exists(keys.claim(tid, "0.1.2", "execute"))  # the wait holds no claim
+    # 0.1.1's call ends having used 30 of its worst case: the room is back.
+    record_call(store, tid, "0.1.1", "execute", "m", 10, 20, 0.0, True, 0.1, token="a")
+    gate = store.gate(tid, "0.1.2", "execute", "b", "executing", "w", costs)
+    assert gate == Gate("OK", str(env - over - 30 - 10))
+    # Spent, not held: the next call stops on the envelope.
+    record_call(store, tid, "0.1.2", "execute", "m", 10, env - over - 40, 0.0, True, 0.1, token="b")
+    assert store.gate(tid, "0.1.1", "execute", "a", "executing", "w", costs) == (
+        Gate("EXHAUSTED", "token envelope")
+    )
 
 
 def test_cost_envelopes_shrink_the_cap_like_tokens(store: Store) -> None:

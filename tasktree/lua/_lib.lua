@@ -106,17 +106,24 @@ local function chain_add(node_key, tokens_field, cost_field, tokens, cost)
   end
 end
 
--- What the tightest envelope on a node's chain leaves: nodes, tokens, USD (nil: no limit).
+-- What the tightest envelope on a node's chain leaves: nodes, tokens, USD (nil: no limit);
+-- then tokens and USD as they would be with no call in flight (the holds given back).
 local function envelope_room(node_key)
-  local rn, rt, rc = nil, nil, nil
+  local rn, rt, rc, ft, fc = nil, nil, nil, nil, nil
   for _, k in ipairs(chain(node_key)) do
     local e = redis.call('HMGET', k, 'env_nodes', 'sub_nodes', 'env_tokens', 'sub_tokens',
       'held_tokens', 'env_cost', 'sub_cost', 'held_cost')
     if e[1] then rn = math.min(rn or math.huge, num(e[1]) - num(e[2])) end
-    if e[3] then rt = math.min(rt or math.huge, num(e[3]) - num(e[4]) - num(e[5])) end
-    if e[6] then rc = math.min(rc or math.huge, num(e[6]) - num(e[7]) - num(e[8])) end
+    if e[3] then
+      rt = math.min(rt or math.huge, num(e[3]) - num(e[4]) - num(e[5]))
+      ft = math.min(ft or math.huge, num(e[3]) - num(e[4]))
+    end
+    if e[6] then
+      rc = math.min(rc or math.huge, num(e[6]) - num(e[7]) - num(e[8]))
+      fc = math.min(fc or math.huge, num(e[6]) - num(e[7]))
+    end
   end
-  return rn, rt, rc
+  return rn, rt, rc, ft, fc
 end
 
 -- Raise the envelopes of the root and of every node in `ids` (and their ancestors), each key

@@ -5,7 +5,8 @@
 --       [, reason, note: an undecided node at the depth limit decides to execute here]
 -- With a cap and a token or cost budget, the call's worst case (its prompt and a completion
 -- at the cap, priced) is reserved, the cap shrunk to what fits; returns {'OK', cap}. When
--- only the worst cases reserved by calls in flight leave no room, RESERVED: try again later.
+-- only the worst cases reserved by calls in flight leave no room, in the tree's budgets or in
+-- an envelope on the node's chain, RESERVED: try again later.
 local node_id, step, token = ARGV[1], ARGV[2], ARGV[3]
 local n = fields(KEYS[2], 'decision', 'resv_' .. step, 'retry_at', 'started_at', 'depth', 'status')
 local status = n.status
@@ -44,10 +45,15 @@ if num(t[1]) > 0 and num(t[2]) >= num(t[1]) then return refuse({'EXHAUSTED', 'co
 if num(t[3]) > 0 and num(t[4]) + num(t[5]) >= num(t[3]) then return refuse({'EXHAUSTED', 'token budget'}) end
 -- With envelopes, the tightest envelope on the node's chain may leave less than the tree.
 local envelopes = t[8] == '1'  -- the tree's `envelopes`, read with its budgets
-local _, env_tokens, env_cost = nil, nil, nil
-if envelopes then _, env_tokens, env_cost = envelope_room(KEYS[2]) end
-if env_cost and env_cost <= 0 then return refuse({'EXHAUSTED', 'cost envelope'}) end
-if env_tokens and env_tokens <= 0 then return refuse({'EXHAUSTED', 'token envelope'}) end
+local _, env_tokens, env_cost, free_tokens, free_cost = nil, nil, nil, nil, nil
+if envelopes then _, env_tokens, env_cost, free_tokens, free_cost = envelope_room(KEYS[2]) end
+-- Spent, or only held by calls in flight (RESERVED: they give it back as they end).
+local function envelope_refusal(free, what)
+  if free > 0 then return refuse({'RESERVED', what}) end
+  return refuse({'EXHAUSTED', what})
+end
+if env_cost and env_cost <= 0 then return envelope_refusal(free_cost, 'cost envelope') end
+if env_tokens and env_tokens <= 0 then return envelope_refusal(free_tokens, 'token envelope') end
 local cap, prompt = num(ARGV[8]), num(ARGV[9])
 local per_in, per_out = num(ARGV[10]), num(ARGV[11])
 local MIN_COMPLETION = 16
@@ -58,10 +64,9 @@ if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
     left = left - prompt
     if left < MIN_COMPLETION then
       -- Room that calls in flight hold as their worst case comes back as they end: wait.
-      local free = num(t[3]) - num(t[4]) - num(t[5]) - prompt
-      if what == 'token budget' and num(t[6]) > 0 and free >= MIN_COMPLETION then
-        return refuse({'RESERVED', what})
-      end
+      local free = num(t[3]) - num(t[4]) - num(t[5])
+      if free_tokens and free_tokens < free then free = free_tokens end
+      if free - prompt >= MIN_COMPLETION then return refuse({'RESERVED', what}) end
       return refuse({'EXHAUSTED', what})
     end
     cap = math.min(cap, left)
@@ -71,8 +76,9 @@ if cap > 0 and (num(t[1]) > 0 or num(t[3]) > 0) then
     if env_cost and env_cost < left then left, what = env_cost, 'cost envelope' end
     local fits = math.floor((left - prompt * per_in) / per_out)
     if fits < MIN_COMPLETION then
-      local free = math.floor((num(t[1]) - num(t[2]) - prompt * per_in) / per_out)
-      if what == 'cost budget' and num(t[7]) > 0 and free >= MIN_COMPLETION then
+      local free = num(t[1]) - num(t[2])
+      if free_cost and free_cost < free then free = free_cost end
+      if math.floor((free - prompt * per_in) / per_out) >= MIN_COMPLETION then
         return refuse({'RESERVED', what})
       end
       return refuse({'EXHAUSTED', what})
