@@ -96,6 +96,14 @@ class Leases:
             self._received.add((queue, member))
         self._wake.set()
 
+    def listed_by_run(self, queue: str, member: str) -> None:
+        """A run's first round trip listed its message: a receipt's listing still to come
+        skips it (a burst whose runs all began first costs the beat thread no round trip)."""
+        with self._lock:
+            if (queue, member) in self._received:
+                self._received.discard((queue, member))
+                self._started.add((queue, member))
+
     def list_received(self) -> None:
         """List what was received since the last look (Redis away: the next look does)."""
         with self._lock:

@@ -322,6 +322,8 @@ class NodeRun:
         self.tree, self.node, open_runs = self.store.begin_run(
             self.tree_id, self.node_id, self.token, self.live
         )
+        if self.live is not None and self.leases is not None:
+            self.leases.listed_by_run(*self.live)
         if not self.tree or not self.node.get("status"):
             log.error("tree %s node %s does not exist; dropping", self.tree_id, self.node_id)
             return Done("missing", error="no such node")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from typing import Any
 
 import fakeredis
 import pytest
@@ -591,6 +592,38 @@ def test_the_heartbeat_lists_what_the_process_holds_and_drops_what_it_let_go(
     held.add((q, a))
     leases.renew_once()
     assert sorted(store.r.zrange(keys.live(q), 0, -1)) == sorted([a, b])
+
+
+def test_a_message_its_run_listed_first_costs_the_receipt_listing_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's begin lists its message: the receipt's listing, still to come, skips it (no
+    round trip for a burst whose runs all began), and the beat after the run takes it off."""
+    from tasktree.leases import Leases
+
+    tid = store.create_tree(spec())
+    q = store.settings.node_queue
+    member = keys.live_member(tid, "0", "node", "tag-1")
+    held: set[tuple[str, str]] = set()
+    leases = Leases(store, 15, held=lambda: set(held))
+    leases.stop()  # no beat thread: this test beats by hand
+    listings: list[dict[str, list[str]]] = []
+    renew = store.renew
+
+    def counted(claims: Any, by_queue: dict[str, list[str]], *a: Any, **kw: Any) -> int:
+        listings.append(by_queue)
+        return renew(claims, by_queue, *a, **kw)
+
+    monkeypatch.setattr(store, "renew", counted)
+    leases.start_run(q, member)  # received
+    store.begin_run(tid, "0", "run-1", (q, member))  # its run began before the beat looked
+    leases.listed_by_run(q, member)
+    assert store.r.zrange(keys.live(q), 0, -1) == [member]
+    leases.list_received()
+    assert listings == []  # nothing left to list
+    leases.renew_once()  # the run is over: the process holds it no more
+    assert store.r.zcard(keys.live(q)) == 0
+    assert listings[-1] == {}  # the beat took it off (released), listing nothing
 
 
 def test_an_ending_tree_gives_every_key_its_retention_and_late_keys_inherit_it() -> None:
