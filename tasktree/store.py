@@ -177,6 +177,19 @@ class Store:
         """Put a task message (messages.node_message) at the back of a Celery queue."""
         self.call(lambda: self.r.lpush(keys.queue(queue), message))
 
+    def send_chord(self, queue: str, messages: list[str], size_key: str, ttl: int) -> None:
+        """A fan-out: its chord's size (under Celery's key, for its join) and its children's
+        messages (messages.chord_messages), in one round trip. Sent again after a lost
+        connection, a child runs twice and its chord counts it once."""
+
+        def send() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.set(size_key, len(messages), ex=ttl or None)
+            pipe.lpush(keys.queue(queue), *messages)
+            pipe.execute()
+
+        self.call(send)
+
     def delete_tree(self, tree_id: str) -> Freed:
         """Remove every key of a tree and its index entries; returns what that freed. A run
         still working on it writes nothing afterwards: every script checks its tree first."""

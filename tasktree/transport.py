@@ -211,45 +211,12 @@ _tags = _Tags()
 os.register_at_fork(after_in_child=_tags.restart)
 
 
-class _Held(threading.local):
-    puts: list[tuple[str, str]] | None = None
-    channel: Any = None
-
-
-_held = _Held()
-
-
-@contextmanager
-def puts_together() -> Iterator[None]:
-    """The messages this thread publishes inside the block reach Redis together as it ends,
-    in one pipelined round trip (none if the block raises): a delegation's chord sends its
-    children so, not one LPUSH round trip each. Celery has done all its work for each
-    message (the chord's size is stored first); only the final LPUSHes wait."""
-    if _held.puts is not None:  # already inside one: its end sends these too
-        yield
-        return
-    _held.puts = []
-    try:
-        yield
-        puts, channel = _held.puts, _held.channel
-    finally:
-        _held.puts, _held.channel = None, None
-    if not puts:
-        return
-    with channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-        for key, payload in puts:
-            pipe.lpush(key, payload)
-        pipe.execute()
-
-
 class _Safe:
     """kombu's channel, which drops a malformed message (one log line) instead of letting the
     decoding error end the worker (every payload-level problem is Celery's and tasktree's to
     reject; these are the ones below them), which publishes through one Redis client
     instead of building a new one for every message (redis-py clients are thread-safe),
-    which numbers its delivery tags instead of drawing a uuid4 for each, and which holds a
-    thread's messages inside `puts_together` for one round trip."""
+    and which numbers its delivery tags instead of drawing a uuid4 for each."""
 
     QoS = QoS
     _sync_client: Any = None
@@ -278,16 +245,6 @@ class _Safe:
             self.flush_acks()  # before kombu restores what is unacked
         self._sync_client = None
         super().close()  # type: ignore[misc]
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        held = _held.puts
-        # kombu's own publish batch, or a queue with an expiry (a PEXPIRE per put): as kombu does
-        if held is None or "_publish_batch" in kwargs or queue in self._expires:  # type: ignore[attr-defined]
-            super()._put(queue, message, **kwargs)  # type: ignore[misc]
-            return
-        priority = self._get_message_priority(message, reverse=False)  # type: ignore[attr-defined]
-        held.append((self._q_for_pri(queue, priority), dumps(message)))  # type: ignore[attr-defined]
-        _held.channel = _held.channel or self
 
     def _brpop_read(self, **options: Any) -> Any:
         if self.global_keyprefix:  # type: ignore[attr-defined]

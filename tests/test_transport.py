@@ -323,38 +323,200 @@ def test_the_root_message_submit_builds_is_the_one_celery_sends(settings_for, r)
     assert ours == theirs
 
 
-def test_puts_together_sends_a_threads_messages_in_one_round_trip_at_its_end(redis_url, r) -> None:
-    """How a delegation sends its chord's children: held until the block ends, then pushed
-    together in order; a block that raises sends none of them."""
-    from tasktree.transport import puts_together
+def celery_fan_out(app: Any, request: dict[str, Any], parent: Any, kids: list[Any]) -> None:
+    """A delegating node's fan-out as Celery itself sends it: `Task.replace` with a chord,
+    from inside the running node task (tasktree sent it so before messages.chord_messages)."""
+    from celery import chord
+    from celery._state import _task_stack
+    from celery.exceptions import Ignore
 
-    conn = Connection(redis_url, transport=Transport)
-    channel = conn.channel()
-    channel.queue_declare("tt-transport-test")
+    from tasktree import messages
+    from tasktree.proto import to_dict
 
-    def publish(body: str) -> None:
-        message = channel.prepare_message(body)
-        channel.basic_publish(message, exchange="", routing_key="tt-transport-test")
+    settings = app.tasktree.settings
 
-    with puts_together():
-        for body in ("a", "b", "c"):
-            publish(body)
-        assert r.llen("tt-transport-test") == 0  # held
-    assert r.llen("tt-transport-test") == 3
-    got = [channel.basic_get("tt-transport-test", no_ack=True).body for _ in range(3)]
-    assert got == [b"a", b"b", b"c"]  # first in, first out, as one by one
+    def node(req: Any) -> Any:
+        sig = app.signature(messages.NODE, args=(to_dict(req),), immutable=True)
+        return sig.set(
+            queue=settings.node_queue, argsrepr=messages.describe(req), ignore_result=True
+        )
 
-    def failing_chord() -> None:
-        with puts_together():
-            publish("never")
-            raise RuntimeError("the chord failed halfway")
+    synth = app.signature(
+        messages.SYNTHESIZE, args=(parent.tree_id, parent.node_id), immutable=True
+    )
+    synth.set(queue=settings.synth_queue, argsrepr=messages.describe(parent), ignore_result=True)
+    task = app.tasks[messages.NODE]
+    task.push_request(**request)
+    _task_stack.push(task)
+    try:
+        with pytest.raises(Ignore):  # how Celery's replace ends the task
+            task.replace(chord([node(k) for k in kids], synth))
+    finally:
+        _task_stack.pop()
+        task.pop_request()
 
-    with pytest.raises(RuntimeError):
-        failing_chord()
-    assert r.llen("tt-transport-test") == 0
-    publish("alone")  # outside a block: at once
-    assert r.llen("tt-transport-test") == 1
-    conn.release()
+
+@pytest.mark.parametrize("member", [True, False], ids=["inside-a-chord", "the-root"])
+def test_a_fan_out_tasktree_builds_is_the_one_celerys_replace_sends(
+    settings_for, r, member: bool
+) -> None:
+    """The chord a delegating node sends (messages.chord_messages) must be, field for field,
+    what Celery's `Task.replace` would have queued: the children, each naming the synthesis
+    that takes the node task's id and place in its own parent's chord, and the chord's size."""
+    import base64
+
+    from tasktree import messages
+    from tasktree.proto import TaskRequest
+    from workers import create_app
+
+    settings = settings_for()
+    app = create_app(settings)
+    grandparent = {"task": messages.SYNTHESIZE, "args": ["t1", "0"], "kwargs": {},
+                   "options": {"task_id": "gp-synth", "queue": settings.synth_queue},
+                   "subtask_type": None, "immutable": True}  # fmt: skip
+    request: dict[str, Any] = {
+        "id": "node-task", "root_id": "root-task", "parent_id": "gp-task",
+        "group": "gp-group" if member else None, "group_index": 2 if member else None,
+        "chord": grandparent if member else None, "replaced_task_nesting": 1,
+        "reply_to": "r", "hostname": "w@h", "is_eager": False, "called_directly": False,
+        "args": [{}], "kwargs": {},
+        "delivery_info": {"exchange": "", "routing_key": settings.node_queue},
+    }  # fmt: skip
+    parent = TaskRequest(task_id="t1/0.1", persona_prompt="P", task_instructions="x",
+                         tree_id="t1", node_id="0.1", depth=1)  # fmt: skip
+    kids = [
+        TaskRequest(task_id=f"t1/0.1.{i}", persona_prompt=f"K{i}", task_instructions="y",
+                    tree_id="t1", node_id=f"0.1.{i}", depth=2)
+        for i in (1, 2, 3)
+    ]  # fmt: skip
+
+    def sent() -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The queued children, oldest first, their random ids blanked; the chord sizes."""
+        out = []
+        for raw in reversed(r.lrange(settings.node_queue, 0, -1)):
+            m = json.loads(raw)
+            m["body"] = json.loads(base64.b64decode(m["body"]))
+            for part in (m["headers"], m["properties"]):
+                for name in {
+                    "id",
+                    "correlation_id",
+                    "delivery_tag",
+                    "group",
+                    "reply_to",
+                } & part.keys():
+                    assert part.pop(name), name  # present, and not empty
+            m["body"][2]["chord"]["options"].pop("reply_to")
+            out.append(m)
+        sizes = {k.rsplit("-", 5)[0]: r.get(k) for k in r.keys("celery-taskset-meta-*.s")}
+        assert all(r.ttl(k) > 0 for k in r.keys("celery-taskset-meta-*.s"))
+        r.delete(settings.node_queue, *r.keys("celery-taskset-meta-*"))
+        return out, sizes
+
+    celery_fan_out(app, request, parent, kids)
+    theirs = sent()
+    ctx = app.tasks[messages.NODE]
+    ctx.push_request(**request)
+    try:
+        group, payloads = messages.chord_messages(
+            ctx.request, parent, kids, settings.node_queue, settings.synth_queue, app.thread_oid
+        )
+    finally:
+        ctx.pop_request()
+    size_key = app.backend.get_key_for_group(group, ".s")
+    app.tasktree.store.send_chord(
+        settings.node_queue, payloads, size_key, app.backend.chord_expires
+    )
+    ours = sent()
+    assert [m["body"][0][0]["node_id"] for m in ours[0]] == ["0.1.1", "0.1.2", "0.1.3"]
+    assert ours[0][0]["body"][2]["chord"]["options"]["task_id"] == "node-task"
+    assert ours == theirs
+    assert ours[1] == {"celery-taskset-meta": "3"}
+    app.tasktree.store.r.close()
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["all-returned", "a-child-failed"])
+def test_a_chords_join_sends_the_synthesis_celerys_join_would(settings_for, r, failed) -> None:
+    """The return that completes a chord sends the synthesis in one script (CHORD_FIRE_LUA):
+    the very message Celery's own join sends, and the chord's keys gone as Celery leaves
+    them. A child that failed at Celery's level takes Celery's error path: no synthesis, the
+    synthesis's result stored as failed, the chord's size dropped."""
+    import base64
+
+    from celery._state import _task_stack
+    from celery.app.task import Context
+    from celery.backends.redis import RedisBackend
+
+    from tasktree import messages
+    from tasktree.proto import TaskRequest
+    from workers import create_app
+
+    settings = settings_for()
+    app = create_app(settings)
+    task = app.tasks[messages.NODE]
+    task.push_request(id="node-task", root_id="root-task", group=None, group_index=None,
+                      chord=None, called_directly=False)  # fmt: skip
+    parent = TaskRequest(tree_id="t1", node_id="0.1", persona_prompt="P")
+    kids = [TaskRequest(tree_id="t1", node_id=f"0.1.{i}", persona_prompt="K") for i in (1, 2, 3)]
+    try:
+        group, payloads = messages.chord_messages(
+            task.request, parent, kids, settings.node_queue, settings.synth_queue, "reply"
+        )
+    finally:
+        task.pop_request()
+    size_key = app.backend.get_key_for_group(group, ".s").decode()
+
+    def calls() -> int:
+        return sum(c["calls"] for c in r.info("commandstats").values())
+
+    commands: list[int] = []
+
+    def join(part_return: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every child returns (the second failed, if so); what was queued, what keys remain."""
+        r.flushdb()
+        r.set(size_key, len(payloads))
+        before = calls()
+        for i, raw in enumerate(payloads):
+            m = json.loads(raw)
+            embed = json.loads(base64.b64decode(m["body"]))[2]
+            h = m["headers"]
+            ctx = Context(id=h["id"], root_id=h["root_id"], group=h["group"],
+                          group_index=h["group_index"], chord=embed["chord"],
+                          called_directly=False)  # fmt: skip
+            task.push_request(**vars(ctx))
+            _task_stack.push(task)
+            try:
+                if failed and i == 1:
+                    part_return(ctx, "FAILURE", ValueError("boom"))
+                else:
+                    part_return(ctx, "SUCCESS", {"status": "completed"})
+            finally:
+                _task_stack.pop()
+                task.pop_request()
+        commands.append(calls() - before)
+        queued = [json.loads(x) for x in r.lrange(settings.synth_queue, 0, -1)]
+        for m in queued:
+            assert m["properties"].pop("delivery_tag")
+        r.delete(settings.synth_queue)
+        return queued, sorted(k for k in r.keys("*") if not k.startswith("_kombu."))
+
+    celerys = lambda *a: RedisBackend.on_chord_part_return(app.backend, *a)  # noqa: E731
+    for _ in range(2):  # the second time with the scripts loaded and the queue declared
+        theirs = join(celerys)
+        ours = join(app.backend.on_chord_part_return)
+    assert ours == theirs
+    queued, left = ours
+    if not failed:  # Celery's join: four more round trips (and more commands)
+        assert commands[3] <= commands[2] - 4, commands
+    if failed:
+        assert queued == []
+        assert "celery-task-meta-node-task" in left  # the synthesis, failed by the chord
+        assert size_key not in left
+    else:
+        [synthesis] = queued
+        assert synthesis["headers"]["id"] == "node-task"  # the node task's id and place
+        assert synthesis["headers"]["parent_id"] == json.loads(payloads[-1])["headers"]["id"]
+        assert left == [app.backend.get_key_for_group(group, ".c").decode()]  # "done"
+    app.tasktree.store.r.close()
 
 
 def test_a_process_serves_all_its_pool_threads_at_once_on_one_backend_and_store(

@@ -11,11 +11,19 @@ return takes seven Redis commands where Celery's takes thirteen or more (CHORD_P
 from __future__ import annotations
 
 import hashlib
+import logging
+import uuid
 from functools import cached_property
 from typing import Any
 
 from celery.backends import redis as celery_redis
 from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.canvas import maybe_signature
+from celery.exceptions import ChordError
+
+from tasktree import keys, messages
+
+log = logging.getLogger(__name__)
 
 #: Celery 5.7.0's chord-part script, which CHORD_PART_RETURN_LUA replaces (same keys, arguments
 #: and reply): a Celery upgrade that changes it stops the import here.
@@ -83,6 +91,35 @@ return {readycount, totaldiff, size, claimed}
 """
 
 
+#: The join's last step, for the return that claimed a complete chord: Celery's takes four
+#: round trips and a send (restore the group, read the results, extend the claim, publish the
+#: callback, clean up). Here one script does them, the publish and the cleanup in one step:
+#: with the claim still this return's (or expired and taken by nobody, which Celery's extend
+#: takes back), and no child FAILED or REVOKED at Celery's level (then -1, and Celery's
+#: error path runs), it pushes the synthesis's message (built like Celery's send), drops the
+#: chord's keys and marks it done. 0: the claim passed to another.
+CHORD_FIRE_LUA = """
+local ckey, skey, jkey, tkey, dkey, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local token, ordered, done_expires, message = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local holder = redis.call('GET', ckey)
+if holder ~= token and (holder or redis.call('EXISTS', skey) == 0) then return 0 end
+local parts
+if ordered == '1' then
+    parts = redis.call('ZRANGE', jkey, 0, -1)
+else
+    parts = redis.call('LRANGE', jkey, 0, -1)
+end
+for _, part in ipairs(parts) do
+    local ok, r = pcall(cjson.decode, part)
+    if not ok or type(r) ~= 'table' or r[3] == 'FAILURE' or r[3] == 'REVOKED' then return -1 end
+end
+redis.call('LPUSH', queue, message)
+redis.call('DEL', jkey, tkey, skey, dkey)
+if done_expires > 0 then redis.call('SET', ckey, 'done', 'EX', done_expires) end
+return 1
+"""
+
+
 class _NoSubscribe:
     def add_pending_result(self, result: Any, weak: bool = False) -> Any:
         return result
@@ -96,6 +133,73 @@ class _NoSubscribe:
     @cached_property
     def _chord_part_return_script(self) -> Any:
         return self.client.register_script(CHORD_PART_RETURN_LUA)  # type: ignore[attr-defined]
+
+    @cached_property
+    def _chord_fire_script(self) -> Any:
+        return self.client.register_script(CHORD_FIRE_LUA)  # type: ignore[attr-defined]
+
+    def on_chord_part_return(
+        self, request: Any, state: str, result: Any, propagate: Any = None, **kw: Any
+    ) -> Any:
+        """Celery 5.7.0's join (RedisBackend.on_chord_part_return) as far as the claim; the
+        return that claims a complete chord then sends its callback with CHORD_FIRE_LUA. A
+        callback that is not tasktree's synthesis takes Celery's own way."""
+        callback = request.chord
+        if not _synthesis(callback):
+            return super().on_chord_part_return(request, state, result, propagate, **kw)  # type: ignore[misc]
+        tid, gid, group_index = request.id, request.group, request.group_index
+        if not gid or not tid:
+            return None
+        key = self.get_key_for_group  # type: ignore[attr-defined]
+        jkey, tkey, skey, dkey, ckey = (key(gid, s) for s in (".j", ".t", ".s", ".d", ".c"))
+        encoded = self.encode([1, tid, state, self.encode_result(result, state)])  # type: ignore[attr-defined]
+        join_timeout = self.app.conf.result_chord_join_timeout or 5.0  # type: ignore[attr-defined]
+        claim_expires = max(5, int(join_timeout * 2))
+        token = uuid.uuid4().hex
+        ordered = 1 if self._chord_zset else 0  # type: ignore[attr-defined]
+        ready, diff, size, claimed = self._chord_part_return_script(
+            keys=[jkey, tkey, skey, dkey, key(gid), ckey],
+            args=[tid, encoded, ordered, "+inf" if group_index is None else group_index,
+                  self.chord_expires or 0, self._chord_result_expires,  # type: ignore[attr-defined]
+                  claim_expires, token],
+            client=self.client,  # type: ignore[attr-defined]
+        )  # fmt: skip
+        if ready == -1 or not size or not claimed or ready != int(size) + int(diff or 0):
+            return None
+        queue, message = messages.callback_message(callback, tid)
+        fired = self._chord_fire_script(
+            keys=[ckey, skey, jkey, tkey, dkey, keys.queue(queue)],
+            args=[token, ordered, max(claim_expires * 2, 300), message],
+            client=self.client,  # type: ignore[attr-defined]
+        )
+        if fired == 0:
+            log.warning("Chord callback for %r not published: its claim passed to another", gid)
+        elif fired == -1:
+            return self._chord_failed(gid, callback, jkey, skey, ordered)
+        return None
+
+    def _chord_failed(self, gid: str, callback: Any, jkey: str, skey: str, ordered: int) -> Any:
+        """A child failed at Celery's level: Celery's error path (the callback fails with a
+        ChordError naming the child, and the chord's size goes)."""
+        client = self.client  # type: ignore[attr-defined]
+        parts = client.zrange(jkey, 0, -1) if ordered else client.lrange(jkey, 0, -1)
+        try:
+            for part in parts:
+                self._unpack_chord_result(part, self.decode)  # type: ignore[attr-defined]
+        except ChordError as exc:
+            log.error("Chord %r raised: %r", gid, exc)
+            try:
+                callback = maybe_signature(callback, app=self.app)  # type: ignore[attr-defined]
+                return self.chord_error_from_stack(callback, exc)  # type: ignore[attr-defined]
+            finally:
+                client.delete(skey)
+        log.error("Chord %r: a child's return did not decode; its callback was not sent", gid)
+        return None
+
+
+def _synthesis(callback: Any) -> bool:
+    """Is a chord's callback tasktree's synthesis, as messages.chord_messages names it?"""
+    return isinstance(callback, dict) and callback.get("task") == messages.SYNTHESIZE
 
 
 class Backend(_NoSubscribe, RedisBackend):

@@ -14,7 +14,6 @@ from tasktree.models import check_text
 from tasktree.proto import TaskRequest, TaskResult, from_dict, to_dict
 from tasktree.runner import Delegate, Done, NodeRun, Outcome, Retry
 from tasktree.states import NODE_TERMINAL, NodeStatus
-from tasktree.transport import puts_together
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,11 @@ def follow(task: Task, req: TaskRequest, outcome: Outcome) -> dict[str, Any]:
         log.debug("node %s again in %.1fs: %s", req.node_id, outcome.countdown, outcome.reason)
         raise task.retry(countdown=outcome.countdown)
     if isinstance(outcome, Delegate):
-        fan = messages.fan_out(task.app, req, outcome.children, outcome.queue, outcome.synth_queue)
-        task.replace(fan)  # returns (NodeTask.on_replace): the chord answers for this task now
+        try:
+            fan_out(task, req, outcome)
+        except StoreError as e:
+            log.warning("store unavailable (%s); retrying node %s", e, req.node_id)
+            raise task.retry(countdown=STORE_RETRY) from None
         done = TaskResult(task_id=f"{req.tree_id}/{req.node_id}", success=True, status="delegated")
         return to_dict(done)
     if not task.request.chord and outcome.status in NODE_TERMINAL:
@@ -188,23 +190,19 @@ def on_received(request: Any, **_: Any) -> None:
             runtime.leases.start_run(runtime.settings.node_queue, member)
 
 
-class NodeTask(Task):
-    """A task replaced by its fan-out returns instead of raising Celery's Ignore.
-
-    `Task.replace` hands the task's id, chord membership, callbacks and chain to the new
-    signature, sends it, then raises Ignore, and Celery builds traceback info for it twice
-    (file stats included): 7.5 % of a worker's samples over a 156-node tree. Here the
-    hand-over and the send are Celery's own; then the task stops being a member of anything,
-    so its normal return acknowledges the message and counts toward no chord (the
-    replacement does), and Flower sees it succeed instead of staying started."""
-
-    def on_replace(self, sig: Any) -> Any:
-        if self.request.is_eager:
-            return super().on_replace(sig)
-        with puts_together():  # the chord's children in one round trip
-            sig.delay()
-        self.request.update(chord=None, callbacks=None, chain=None)
-        return None
+def fan_out(task: Task, req: TaskRequest, outcome: Delegate) -> None:
+    """Send the node's chord: its children, then its synthesis, which answers for this task
+    from now on (Celery's `Task.replace`, without its canvas or its Ignore). The task then
+    stops being a member of anything, so its normal return acknowledges the message and
+    counts toward no chord (the synthesis does), and Flower sees it succeed."""
+    request = task.request
+    group, payloads = messages.chord_messages(
+        request, req, outcome.children, outcome.queue, outcome.synth_queue, task.app.thread_oid
+    )
+    backend = task.app.backend
+    size_key = backend.get_key_for_group(group, ".s")
+    task.app.tasktree.store.send_chord(outcome.queue, payloads, size_key, backend.chord_expires)
+    request.update(chord=None, callbacks=None, chain=None)
 
 
 def register(app: Celery) -> None:
@@ -214,7 +212,6 @@ def register(app: Celery) -> None:
         "max_retries": None,
         "acks_late": True,
         "shared": False,
-        "base": NodeTask,
     }
     app.task(name=messages.NODE, **options)(run_node)
     app.task(name=messages.SYNTHESIZE, **options)(run_synthesis)
