@@ -249,8 +249,9 @@ class Store:
     def begin_run(
         self, tree_id: str, node_id: str, token: str, live: tuple[str, str] | None = None
     ) -> tuple[dict[str, str], dict[str, str], int]:
-        """Start of every task run: the tree, the node, and how many runs have not ended.
-        With `live` (queue, member), the run's message is listed in the live index too."""
+        """Start of every task run: the tree's fields a run reads (begin.lua lists them; not
+        the task text), the node, and how many runs have not ended. With `live` (queue,
+        member), the run's message is listed in the live index too."""
         tree_keys = [keys.tree(tree_id), keys.node(tree_id, node_id)]
         args = [token]
         if live:

@@ -533,6 +533,20 @@ def test_begin_end_and_create_apply_once_when_sent_again(store: Store) -> None:
     assert store.r.hget(keys.node(tid, "0"), "open_runs") == "0"
 
 
+def test_a_run_reads_the_trees_settings_not_its_task_text(store: Store) -> None:
+    """begin returns what a run reads of the tree, however long the task: not the text."""
+    tid = store.create_tree(spec(task="T" * 20_000, max_tokens=500, on_child_failure="fail"))
+    tree, node, _ = store.begin_run(tid, "0", "run-1")
+    assert "task" not in tree
+    assert node["instructions"] == "T" * 20_000  # the node's own, for its synthesis
+    assert (tree["status"], tree["max_tokens"], tree["on_child_failure"]) == (
+        "running",
+        "500",
+        "fail",
+    )
+    assert {"max_depth", "max_children", "queue", "synth_queue"} <= tree.keys()
+
+
 def test_a_message_stops_being_live_when_its_heartbeat_is_a_lease_old(store: Store) -> None:
     tid = store.create_tree(spec())
     recovery = Recovery(store)

@@ -4,7 +4,15 @@
 -- run's message is listed there (scored now) while its node is open: from its first round
 -- trip, a run whose worker dies is found by the sweeper.
 -- KEYS: tree, node[, live index] ; ARGV: run token[, live member]
-local tree = redis.call('HGETALL', KEYS[1])
+-- Of the tree, the fields a run reads (runner.py, synthesis.py): not its task text, which
+-- can be long, or its counters.
+local RUN_READS = {'max_depth', 'max_children', 'single_call', 'model', 'queue', 'synth_queue',
+  'max_cost', 'max_tokens', 'on_child_failure', 'status'}
+local values = redis.call('HMGET', KEYS[1], unpack(RUN_READS))
+local tree = {}
+for i, f in ipairs(RUN_READS) do
+  if values[i] then table.insert(tree, f); table.insert(tree, values[i]) end
+end
 local node = redis.call('HGETALL', KEYS[2])
 if #tree == 0 or #node == 0 then return {{}, {}, 0} end
 if KEYS[3] and not TERMINAL[field_of(node, 'status')] then
