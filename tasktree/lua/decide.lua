@@ -31,7 +31,8 @@ if decision == 'delegate' then
   local what = 'node budget'
   if envelopes then
     local room = envelope_room(KEYS[2])
-    if room and room < allowed then allowed, what = room, 'node envelope' end
+    -- Named when it binds as tight as the tree's budget does: the clamp is the envelope's.
+    if room and room <= allowed then allowed, what = room, 'node envelope' end
   end
   if allowed < k then
     table.insert(notes, 'clamped: ' .. what .. ' allowed ' .. math.max(allowed, 0) .. ' of ' .. k .. ' sub-tasks')
