@@ -437,9 +437,10 @@ def test_a_fan_out_tasktree_builds_is_the_one_celerys_replace_sends(
 @pytest.mark.parametrize("failed", [False, True], ids=["all-returned", "a-child-failed"])
 def test_a_chords_join_sends_the_synthesis_celerys_join_would(settings_for, r, failed) -> None:
     """The return that completes a chord sends the synthesis in one script (CHORD_FIRE_LUA):
-    the very message Celery's own join sends, and the chord's keys gone as Celery leaves
-    them. A child that failed at Celery's level takes Celery's error path: no synthesis, the
-    synthesis's result stored as failed, the chord's size dropped."""
+    the very message Celery's own join sends, and the chord's keys gone but the set of
+    returns counted, so a late duplicate sends and makes nothing. A child that failed at
+    Celery's level takes Celery's error path: no synthesis, the synthesis's result stored as
+    failed, the chord's size dropped."""
     import base64
 
     from celery._state import _task_stack
@@ -470,13 +471,10 @@ def test_a_chords_join_sends_the_synthesis_celerys_join_would(settings_for, r, f
 
     commands: list[int] = []
 
-    def join(part_return: Any) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every child returns (the second failed, if so); what was queued, what keys remain."""
-        r.flushdb()
-        r.set(size_key, len(payloads))
-        before = calls()
-        for i, raw in enumerate(payloads):
-            m = json.loads(raw)
+    def returns(part_return: Any, which: range) -> None:
+        """These children return (the second failed, if so)."""
+        for i in which:
+            m = json.loads(payloads[i])
             embed = json.loads(base64.b64decode(m["body"]))[2]
             h = m["headers"]
             ctx = Context(id=h["id"], root_id=h["root_id"], group=h["group"],
@@ -492,30 +490,48 @@ def test_a_chords_join_sends_the_synthesis_celerys_join_would(settings_for, r, f
             finally:
                 _task_stack.pop()
                 task.pop_request()
-        commands.append(calls() - before)
+
+    def sent() -> tuple[list[dict[str, Any]], list[str]]:
+        """What was queued (taken off the queue), and which keys remain."""
         queued = [json.loads(x) for x in r.lrange(settings.synth_queue, 0, -1)]
         for m in queued:
             assert m["properties"].pop("delivery_tag")
         r.delete(settings.synth_queue)
         return queued, sorted(k for k in r.keys("*") if not k.startswith("_kombu."))
 
+    def join(part_return: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every child returns: what was sent, and the keys left."""
+        r.flushdb()
+        r.set(size_key, len(payloads))
+        before = calls()
+        returns(part_return, range(len(payloads)))
+        commands.append(calls() - before)
+        return sent()
+
     celerys = lambda *a: RedisBackend.on_chord_part_return(app.backend, *a)  # noqa: E731
     for _ in range(2):  # the second time with the scripts loaded and the queue declared
         theirs = join(celerys)
         ours = join(app.backend.on_chord_part_return)
-    assert ours == theirs
-    queued, left = ours
-    if not failed:  # Celery's join: four more round trips (and more commands)
-        assert commands[3] <= commands[2] - 4, commands
-    if failed:
+    key = app.backend.get_key_for_group
+    if failed:  # Celery's error path, both times
+        assert ours == theirs
+        queued, left = ours
         assert queued == []
         assert "celery-task-meta-node-task" in left  # the synthesis, failed by the chord
         assert size_key not in left
-    else:
-        [synthesis] = queued
-        assert synthesis["headers"]["id"] == "node-task"  # the node task's id and place
-        assert synthesis["headers"]["parent_id"] == json.loads(payloads[-1])["headers"]["id"]
-        assert left == [app.backend.get_key_for_group(group, ".c").decode()]  # "done"
+        return
+    assert ours[0] == theirs[0]  # the same synthesis message
+    assert commands[3] <= commands[2] - 4, commands  # Celery's join: four more round trips
+    [synthesis] = ours[0]
+    assert synthesis["headers"]["id"] == "node-task"  # the node task's id and place
+    assert synthesis["headers"]["parent_id"] == json.loads(payloads[-1])["headers"]["id"]
+    # Celery leaves its "done" marker; tasktree the set of returns counted, as long.
+    assert theirs[1] == [key(group, ".c").decode()]
+    assert ours[1] == [key(group, ".d").decode()]
+    assert 0 < r.ttl(key(group, ".d")) <= 300
+    # A late duplicate of a return is counted as seen: nothing is sent, nothing made again.
+    returns(app.backend.on_chord_part_return, range(1, 2))
+    assert sent() == ([], ours[1])
     app.tasktree.store.r.close()
 
 

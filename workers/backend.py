@@ -4,8 +4,9 @@ Every chord that a node task fans out is frozen in the worker, and Celery's Grou
 subscribes (Redis pub/sub) to each child's result even though nothing will read it; the
 subscriptions pile up while a tree runs and reconnect noisily after Redis goes away. tasktree
 reads every outcome from the tree store, so its senders never subscribe. Chord counting
-(on_chord_part_return) and result storage are unchanged, but for its script: each child's
-return takes seven Redis commands where Celery's takes thirteen or more (CHORD_PART_RETURN_LUA).
+(on_chord_part_return) keeps Celery's keys and claim, in fewer commands: each child's return
+takes six where Celery's takes thirteen or more (CHORD_PART_RETURN_LUA), and the return that
+completes a chord sends the synthesis in one script (CHORD_FIRE_LUA).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ CELERY_CHORD_PART_SHA1 = "b8fc152c83a7e634103ccebd49dcd3146a8f4366"
 if hashlib.sha1(celery_redis.CHORD_PART_RETURN_LUA.encode()).hexdigest() != CELERY_CHORD_PART_SHA1:
     raise ImportError("Celery's chord-part script changed: update workers/backend.py")
 
-#: Celery's chord-part script in seven commands per child (the call itself counted) where it
-#: takes thirteen or more: SADD's reply says whether the child is new (no SISMEMBER), one MGET
+#: Celery's chord-part script in six commands per child (the call itself counted) where it
+#: takes thirteen or more: SADD's reply says whether the child is new (no SISMEMBER, and no
+#: GET of a "done" marker: the set outlives a fired chord, CHORD_FIRE_LUA), one MGET
 #: reads the chord's size and its adjustment, and the keys' expiry is set by the first child
 #: on the keys it made and refreshed on all of them only past half their life (one TTL, not
 #: five EXPIREs): the same window, give or take half of result_expires.
@@ -43,11 +45,9 @@ local expires, group_expires = tonumber(ARGV[5]), tonumber(ARGV[6])
 local claim_expires = tonumber(ARGV[7])
 local claim_token = ARGV[8]
 
--- A late duplicate after the chord's cleanup recreates nothing.
-if redis.call('GET', ckey) == 'done' then
-    return {-1, 0, 0, 0}
-end
--- Once per task id and header index (a reused frozen signature has its own index).
+-- Once per task id and header index (a reused frozen signature has its own index). A late
+-- duplicate after the chord fired is one too: CHORD_FIRE_LUA keeps this set for the window
+-- Celery keeps its "done" marker (the chord's size gone, it claims nothing either way).
 if redis.call('SADD', dkey, tid .. ':' .. score) == 1 then
     if ordered == '1' then
         redis.call('ZADD', jkey, score, value)
@@ -97,7 +97,9 @@ return {readycount, totaldiff, size, claimed}
 #: with the claim still this return's (or expired and taken by nobody, which Celery's extend
 #: takes back), and no child FAILED or REVOKED at Celery's level (then -1, and Celery's
 #: error path runs), it pushes the synthesis's message (built like Celery's send), drops the
-#: chord's keys and marks it done. 0: the claim passed to another.
+#: chord's keys but the set of returns counted, which outlives them by the window Celery
+#: keeps its "done" marker: a late duplicate is counted as seen and recreates nothing.
+#: 0: the claim passed to another.
 CHORD_FIRE_LUA = """
 local ckey, skey, jkey, tkey, dkey, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, ordered, done_expires, message = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
@@ -114,8 +116,8 @@ for _, part in ipairs(parts) do
     if not ok or type(r) ~= 'table' or r[3] == 'FAILURE' or r[3] == 'REVOKED' then return -1 end
 end
 redis.call('LPUSH', queue, message)
-redis.call('DEL', jkey, tkey, skey, dkey)
-if done_expires > 0 then redis.call('SET', ckey, 'done', 'EX', done_expires) end
+redis.call('DEL', jkey, tkey, skey, ckey)
+redis.call('EXPIRE', dkey, done_expires)  -- the returns counted: a late duplicate is one
 return 1
 """
 
