@@ -68,7 +68,8 @@ def test_killed_workers_lose_nothing_and_pay_nothing_twice(client, start_workers
         recoveries.append(time.monotonic() - killed_at)
     wait_done(client, tid, 13, timeout=60)
     tree = client.wait(tid)
-    assert tree.status == "completed"
+    failed = [(n.id, n.status, n.error) for n in tree.nodes if n.status != "completed"]
+    assert tree.status == "completed", failed
     assert len(tree.nodes) == 13
     assert all(n.status == "completed" and n.result for n in tree.nodes)
     assert {n.id: n.calls for n in tree.nodes} == expected_calls(tree)  # no stored step re-paid
