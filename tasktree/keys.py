@@ -59,27 +59,43 @@ def node_of_live_member(member: str) -> str:
     return node(*parsed[:2]) if parsed else f"{NAMESPACE}:no-such-node"
 
 
+def _limit(model: str) -> str:
+    # Every key of one model's limit carries {model}, so its scripts touch one Cluster slot.
+    return f"{NAMESPACE}:limit:{{{model}}}"
+
+
 def slots(model: str) -> str:
     """Sorted set: the calls of a model in flight across every worker (claim token, scored by
     its lease's end in Redis ms; renewed by the heartbeat, so a dead worker's expire)."""
-    return f"{NAMESPACE}:limit:{model}:slots"
+    return f"{_limit(model)}:slots"
 
 
 def calls_last_minute(model: str) -> str:
     """Sorted set: the calls of a model started in the last minute (scored by Redis ms)."""
-    return f"{NAMESPACE}:limit:{model}:minute"
+    return f"{_limit(model)}:minute"
 
 
 def adapted(model: str) -> str:
     """Hash with a TTL: the model's concurrency cut down after a 429 (`cap`, `cut_at`)."""
-    return f"{NAMESPACE}:limit:{model}:adapted"
+    return f"{_limit(model)}:adapted"
 
 
-def freed(model: str) -> str:
-    """List: one entry per slot of a model freed, popped by the calls waiting for one (Redis
-    serves the longest waiter first); trimmed short and expiring, so stale entries cost at
-    most a retry of the slot."""
-    return f"{NAMESPACE}:limit:{model}:freed"
+def waiting(model: str) -> str:
+    """Sorted set: the calls waiting for a slot of a model, by when they began to wait (Redis
+    ms); a call that ends is handed its slot in this order."""
+    return f"{_limit(model)}:waiting"
+
+
+def waiting_lapse(model: str) -> str:
+    """Sorted set: the same waiting calls, by when their entry lapses (Redis ms): each waiter
+    renews it every second, so a dead worker's waiters are skipped, not handed slots."""
+    return f"{_limit(model)}:lapse"
+
+
+def grant(model: str, token: str = "") -> str:
+    """List: the one entry a waiting call pops when it is handed a slot (the prefix, with no
+    token, for the scripts that hand slots on)."""
+    return f"{_limit(model)}:grant:{token}"
 
 
 TREE_ID_RE = re.compile(r"[0-9a-f]{16}")  # use fullmatch: `$` also matches before "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -225,12 +226,25 @@ class NodeRun:
 
     def _slot(self, model: str, call_id: str) -> Limit | None:
         """Take a slot under the model's limits shared by every worker (the offline model
-        with no limit configured needs none). Full: wait in this thread, woken as soon as
-        any worker frees a slot, for up to TASKTREE_LLM_LIMIT_WAIT; then run again later,
-        so a long wait holds no thread."""
+        with no limit configured needs none). Full: wait in this thread, in the model's
+        queue, until a call that ends hands this one its slot, for up to
+        TASKTREE_LLM_LIMIT_WAIT; then run again later, so a long wait holds no thread."""
         limit = self.settings.limit_for(model)
         if not limit and model == OFFLINE_MODEL:
             return None
+        try:
+            self._wait_for_slot(model, call_id, limit)
+        except BaseException:
+            # Give up any place in the queue, and hand on a slot given meanwhile (else the
+            # place lapses in 3 s, and the slot with its lease).
+            with contextlib.suppress(StoreError):
+                self.store.free_slot(model, call_id, "0", limit)
+            raise
+        if self.leases is not None:
+            self.leases.hold_slot(model, call_id)
+        return limit
+
+    def _wait_for_slot(self, model: str, call_id: str, limit: Limit) -> None:
         deadline = time.monotonic() + self.settings.llm_limit_wait
         noted = False
         while (full := self.store.take_slot(model, call_id, limit)) is not None:
@@ -245,12 +259,10 @@ class NodeRun:
             if left <= 0 or (what == "rpm" and seconds > left):
                 raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
             if what == "concurrency":
-                self.store.await_slot(model, left)  # at most 1 s
+                if self.store.await_slot(model, call_id, left):  # at most 1 s
+                    return  # handed a slot by a call that ended
             else:  # the minute's oldest call leaves the window in `seconds`
                 time.sleep(min(seconds, 1.0))
-        if self.leases is not None:
-            self.leases.hold_slot(model, call_id)
-        return limit
 
     def _free(self, model: str, call_id: str, outcome: str, limit: Limit) -> None:
         if self.leases is not None:

@@ -483,27 +483,50 @@ class Store:
 
     def take_slot(self, model: str, token: str, limit: Limit) -> tuple[str, float] | None:
         """A slot for one call of `model` under its shared limit (and any cut a 429 made):
-        None when taken, else (what is full, seconds worth waiting)."""
+        None when taken (or handed to this call while it waited), else (what is full, seconds
+        worth waiting). A full concurrency puts the call in the model's queue, or renews its
+        place there, until a slot is handed to it or it gives its place up (`free_slot`)."""
         res = self.script(
             "slot",
-            [keys.slots(model), keys.calls_last_minute(model), keys.adapted(model)],
-            [token, int(self.settings.lease_seconds * 1000), limit.concurrency, limit.rpm],
+            [
+                *(keys.slots(model), keys.calls_last_minute(model), keys.adapted(model)),
+                *(keys.waiting(model), keys.waiting_lapse(model)),
+            ],
+            [token, self._lease_ms(), limit.concurrency, limit.rpm, keys.grant(model)],
         )
         return None if res[0] == "OK" else (str(res[1]), int(res[2]) / 1000)
 
     def free_slot(self, model: str, token: str, outcome: str, limit: Limit) -> None:
-        """The call ended ("200" answered, "429" rate limited, "0" failed): free its slot. A
+        """The call ended ("200" answered, "429" rate limited, "0" failed or never made): free
+        its slot, or its place in the queue, and hand the free slots to the first waiters. A
         429 cuts the model's concurrency for every worker; an answer grows a cut back."""
         hold_ms = int(self.settings.llm_limit_hold * 1000)
         self.script(
             "unslot",
-            [keys.slots(model), keys.adapted(model), keys.freed(model)],
-            [token, outcome, hold_ms, limit.concurrency],
+            [
+                *(keys.slots(model), keys.adapted(model), keys.waiting(model)),
+                *(keys.waiting_lapse(model), keys.calls_last_minute(model)),
+            ],
+            [
+                token,
+                outcome,
+                hold_ms,
+                limit.concurrency,
+                limit.rpm,
+                self._lease_ms(),
+                keys.grant(model),
+            ],
         )
 
-    def await_slot(self, model: str, seconds: float) -> None:
-        """Wait up to `seconds` (at most 1) for a slot of `model` to be freed by any worker."""
-        self.call(lambda: self.r.blpop([keys.freed(model)], timeout=max(0.01, min(seconds, 1.0))))
+    def await_slot(self, model: str, token: str, seconds: float) -> bool:
+        """Wait up to `seconds` (at most 1) for a call that ends to hand this waiting call its
+        slot: True when it did (the slot is this call's now)."""
+        timeout = max(0.01, min(seconds, 1.0))
+        key = keys.grant(model, token)
+        return self.call(lambda: self.r.blpop([key], timeout=timeout)) is not None
+
+    def _lease_ms(self) -> int:
+        return int(self.settings.lease_seconds * 1000)
 
     def stopped(self, tree_id: str, node_id: str) -> bool:
         """Whether a node's run has nothing left to do: its tree no longer runs (cancelled,

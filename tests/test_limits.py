@@ -41,30 +41,80 @@ def test_a_bad_limit_is_a_one_line_config_error(bad: str) -> None:
     assert "\n" not in str(e.value)
 
 
-def test_concurrency_is_shared_and_a_freed_slot_is_taken_again(store: Store) -> None:
+def queued(store: Store) -> list[str]:
+    return list(store.r.zrange(keys.waiting(MODEL), 0, -1))
+
+
+def handed(store: Store, token: str) -> bool:
+    """Whether a waiting call was handed a slot: woken by an entry on its list, in flight."""
+    woken = store.r.lrange(keys.grant(MODEL, token), 0, -1) == ["1"]
+    return woken and store.r.zscore(keys.slots(MODEL), token) is not None
+
+
+def test_a_call_that_ends_hands_its_slot_to_the_first_waiter(store: Store) -> None:
     limit = Limit(concurrency=2)
     assert store.take_slot(MODEL, "a", limit) is None
     assert store.take_slot(MODEL, "b", limit) is None
+    for token in "cd":
+        full = store.take_slot(MODEL, token, limit)
+        assert full is not None
+        assert full[0] == "concurrency"
+        time.sleep(0.002)  # queued in the order they began to wait
+    assert store.take_slot(MODEL, "c", limit) is not None  # waiting again keeps its place
+    assert queued(store) == ["c", "d"]
+    store.free_slot(MODEL, "a", "200", limit)
+    assert handed(store, "c")
+    assert not handed(store, "d")
+    assert queued(store) == ["d"]
+    assert store.await_slot(MODEL, "c", 0.1)  # its wait ends at once
+    assert store.take_slot(MODEL, "c", limit) is None  # and a look again finds it in flight
+    store.free_slot(MODEL, "a", "200", limit)  # sent again: nothing freed, nobody handed one
+    assert not handed(store, "d")
+    store.free_slot(MODEL, "b", "200", limit)
+    assert handed(store, "d")
+    assert store.r.zcard(keys.slots(MODEL)) == 2
+    assert not store.r.exists(keys.waiting(MODEL))
+
+
+def test_a_dead_waiter_is_skipped_and_one_that_gives_up_hands_its_slot_on(store: Store) -> None:
+    limit = Limit(concurrency=1)
+    assert store.take_slot(MODEL, "a", limit) is None
+    for token in "xyz":
+        assert store.take_slot(MODEL, token, limit) is not None
+        time.sleep(0.002)
+    store.r.zadd(keys.waiting_lapse(MODEL), {"x": 1})  # its worker died: it renewed nothing
+    store.free_slot(MODEL, "a", "200", limit)
+    assert not handed(store, "x")
+    assert handed(store, "y")
+    assert queued(store) == ["z"]
+    store.free_slot(MODEL, "y", "0", limit)  # gave up its place, handed a slot meanwhile
+    assert handed(store, "z")
+    assert not store.r.exists(keys.grant(MODEL, "y"))
+    assert store.take_slot(MODEL, "w", limit) is not None
+    store.free_slot(MODEL, "w", "0", limit)  # gave up before it was handed one
+    assert queued(store) == []
+    assert store.r.zrange(keys.slots(MODEL), 0, -1) == ["z"]
+
+
+def test_a_slot_handed_on_counts_against_the_calls_per_minute(store: Store) -> None:
+    limit = Limit(concurrency=1, rpm=2)
+    assert store.take_slot(MODEL, "a", limit) is None
+    assert store.take_slot(MODEL, "b", limit) is not None
+    assert store.take_slot(MODEL, "c", limit) is not None
+    store.free_slot(MODEL, "a", "200", limit)
+    assert handed(store, "b")
+    store.free_slot(MODEL, "b", "200", limit)
+    assert not handed(store, "c")  # two calls this minute: c waits for the minute
+    assert queued(store) == ["c"]
     full = store.take_slot(MODEL, "c", limit)
     assert full is not None
-    assert full[0] == "concurrency"
-    store.free_slot(MODEL, "a", "200", limit)
-    assert store.r.lrange(keys.freed(MODEL), 0, -1) == ["1"]  # wakes one waiter
-    assert store.take_slot(MODEL, "c", limit) is None
-    store.free_slot(MODEL, "a", "200", limit)  # sent again: nothing freed, nobody woken
-    assert store.r.llen(keys.freed(MODEL)) == 1
-    for token in map(str, range(40)):
-        store.free_slot(MODEL, token, "200", limit)  # never taken: frees nothing
-    assert store.r.llen(keys.freed(MODEL)) == 1
-    for token in map(str, range(40)):
-        assert store.take_slot(MODEL, token, Limit()) is None
-        store.free_slot(MODEL, token, "200", limit)
-    assert store.r.llen(keys.freed(MODEL)) == 16  # with nobody waiting, the list stays short
-    assert 0 < store.r.pttl(keys.freed(MODEL)) <= 10_000
-    store.r.delete(keys.freed(MODEL))
+    assert full[0] == "rpm"
+
+
+def test_without_a_limit_or_a_cut_nobody_waits(store: Store) -> None:
     assert store.take_slot(MODEL, "u", Limit()) is None
-    store.free_slot(MODEL, "u", "200", Limit())  # no limit, no cut: nobody waits to be woken
-    assert not store.r.exists(keys.freed(MODEL))
+    store.free_slot(MODEL, "u", "200", Limit())
+    assert not store.r.keys("*")
 
 
 def test_calls_per_minute_say_how_long_to_wait(store: Store) -> None:

@@ -1,12 +1,21 @@
 -- Before a model call, for every worker at once: is there a slot for one more call of this
 -- model now? Slots expire with their lease (renewed while the call runs); a cap set after a
--- 429 lowers the concurrency until it grows back or expires.
--- KEYS: slots, calls in the last minute, adapted ; ARGV: token, lease_ms, concurrency (0: none), rpm (0: none)
+-- 429 lowers the concurrency until it grows back or expires. A call that finds the
+-- concurrency full joins the model's queue (or renews its place there): a call that ends
+-- hands its slot to the queue's first live waiter (unslot.lua).
+-- KEYS: slots, calls in the last minute, adapted, queue, queue lapse
+-- ARGV: token, lease_ms, concurrency (0: none), rpm (0: none), grant key prefix
 -- Returns {'OK'} or {'WAIT', why, milliseconds worth waiting}.
 local now = now_ms()
 local token, lease, conc, rpm = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], token) then return {'OK'} end  -- sent again
+if redis.call('ZSCORE', KEYS[1], token) then  -- handed a slot while waiting, or sent again
+  if redis.call('ZREM', KEYS[4], token) == 1 then
+    redis.call('ZREM', KEYS[5], token)
+    redis.call('DEL', ARGV[5] .. token)
+  end
+  return {'OK'}
+end
 local limit = conc
 local cap = tonumber(redis.call('HGET', KEYS[3], 'cap') or '')
 if cap then
@@ -14,6 +23,10 @@ if cap then
   if limit == 0 or cap < limit then limit = cap end
 end
 if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
+  redis.call('ZADD', KEYS[4], 'NX', now, token)
+  redis.call('ZADD', KEYS[5], now + 3000, token)
+  redis.call('PEXPIRE', KEYS[4], 60000)
+  redis.call('PEXPIRE', KEYS[5], 60000)
   return {'WAIT', 'concurrency', '1000'}
 end
 if rpm > 0 then
@@ -25,6 +38,7 @@ if rpm > 0 then
   redis.call('ZADD', KEYS[2], now, token)
   redis.call('PEXPIRE', KEYS[2], 61000)
 end
+if redis.call('ZREM', KEYS[4], token) == 1 then redis.call('ZREM', KEYS[5], token) end
 redis.call('ZADD', KEYS[1], now + lease, token)
 redis.call('PEXPIRE', KEYS[1], lease * 4)
 return {'OK'}
