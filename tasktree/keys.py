@@ -88,7 +88,8 @@ def waiting(model: str) -> str:
 
 def waiting_lapse(model: str) -> str:
     """Sorted set: the same waiting calls, by when their entry lapses (Redis ms): each waiter
-    renews it every second, so a dead worker's waiters are skipped, not handed slots."""
+    renews it every 3 s (store.SLOT_POLL), so a dead worker's waiters are skipped, not handed
+    slots, 9 s after it died."""
     return f"{_limit(model)}:lapse"
 
 

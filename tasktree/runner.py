@@ -236,7 +236,7 @@ class NodeRun:
             self._wait_for_slot(model, call_id, limit)
         except BaseException:
             # Give up any place in the queue, and hand on a slot given meanwhile (else the
-            # place lapses in 3 s, and the slot with its lease).
+            # place lapses in 9 s, and the slot with its lease).
             with contextlib.suppress(StoreError):
                 self.store.free_slot(model, call_id, "0", limit)
             raise
@@ -259,7 +259,7 @@ class NodeRun:
             if left <= 0 or (what == "rpm" and seconds > left):
                 raise RateLimited(why, seconds * random.uniform(0.5, 1.5))
             if what == "concurrency":
-                if self.store.await_slot(model, call_id, left):  # at most 1 s
+                if self.store.await_slot(model, call_id, left):  # at most SLOT_POLL
                     return  # handed a slot by a call that ended
             else:  # the minute's oldest call leaves the window in `seconds`
                 time.sleep(min(seconds, 1.0))

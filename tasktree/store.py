@@ -39,6 +39,13 @@ def _load_script(name: str) -> str:
 #: most 50 reads a second per watcher, and at most this much later to see an event.
 GATHER = 0.02
 
+#: How long a call waiting for a slot of its model waits on its own list before it looks
+#: again (s): whether its node or tree closed, and to renew its place in the queue (a slot is
+#: handed to it at once, not found by looking). Each look costs three round trips, and a
+#: big tree keeps hundreds of calls waiting: looking every second took a quarter of the
+#: worker's CPU and doubled the time a slot stood idle between calls (BENCHMARKS.md).
+SLOT_POLL = 3.0
+
 
 @dataclass(frozen=True)
 class Freed:
@@ -492,7 +499,10 @@ class Store:
                 *(keys.slots(model), keys.calls_last_minute(model), keys.adapted(model)),
                 *(keys.waiting(model), keys.waiting_lapse(model)),
             ],
-            [token, self._lease_ms(), limit.concurrency, limit.rpm, keys.grant(model)],
+            [
+                *(token, self._lease_ms(), limit.concurrency, limit.rpm, keys.grant(model)),
+                int(SLOT_POLL * 3000),  # three looks missed: the waiter's worker is gone
+            ],
         )
         return None if res[0] == "OK" else (str(res[1]), int(res[2]) / 1000)
 
@@ -519,9 +529,9 @@ class Store:
         )
 
     def await_slot(self, model: str, token: str, seconds: float) -> bool:
-        """Wait up to `seconds` (at most 1) for a call that ends to hand this waiting call its
-        slot: True when it did (the slot is this call's now)."""
-        timeout = max(0.01, min(seconds, 1.0))
+        """Wait up to `seconds` (at most SLOT_POLL) for a call that ends to hand this waiting
+        call its slot: True when it did (the slot is this call's now)."""
+        timeout = max(0.01, min(seconds, SLOT_POLL))
         key = keys.grant(model, token)
         return self.call(lambda: self.r.blpop([key], timeout=timeout)) is not None
 

@@ -203,7 +203,8 @@ def test_a_call_that_waits_longer_than_the_limit_wait_is_sent_again(client, star
 def test_a_call_waiting_for_a_slot_stops_when_its_tree_is_cancelled(
     client, start_workers, r
 ) -> None:
-    with RateLimitedProvider(capacity=1, latency=4.0) as provider:
+    # A call of 6 s outlasts the waiting calls' look every 3 s (store.SLOT_POLL).
+    with RateLimitedProvider(capacity=1, latency=6.0) as provider:
         start_workers(1, extra_env=limited(provider, 1))  # waits for a slot up to 30 s
         tid = client.submit(TreeSpec.build(client.settings, "Write the report.", max_depth=2))
         deadline = time.monotonic() + 30

@@ -4,7 +4,8 @@
 -- concurrency full joins the model's queue (or renews its place there): a call that ends
 -- hands its slot to the queue's first live waiter (unslot.lua).
 -- KEYS: slots, calls in the last minute, adapted, queue, queue lapse
--- ARGV: token, lease_ms, concurrency (0: none), rpm (0: none), grant key prefix
+-- ARGV: token, lease_ms, concurrency (0: none), rpm (0: none), grant key prefix,
+--   lapse_ms (a place not renewed in that long is its dead worker's: passed over)
 -- Returns {'OK'} or {'WAIT', why, milliseconds worth waiting}.
 local now = now_ms()
 local token, lease, conc, rpm = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -24,7 +25,7 @@ if cap then
 end
 if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
   redis.call('ZADD', KEYS[4], 'NX', now, token)
-  redis.call('ZADD', KEYS[5], now + 3000, token)
+  redis.call('ZADD', KEYS[5], now + tonumber(ARGV[6]), token)
   redis.call('PEXPIRE', KEYS[4], 60000)
   redis.call('PEXPIRE', KEYS[5], 60000)
   return {'WAIT', 'concurrency', '1000'}
