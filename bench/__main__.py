@@ -431,61 +431,70 @@ def stored_per_node(b: Bench, trees: list[Any]) -> tuple[float, float]:
 
 def provider_limits(b: Bench, quick: bool) -> list[str]:
     """A provider that allows 8 calls at once (429 with Retry-After above), through litellm's
-    real HTTP client: one worker process with the limit configured, and one without."""
-    from tasktree import keys
+    real HTTP client: one worker process with the limit configured, and one without; and a
+    wider tree, where a scheduler can come nearer the provider's floor, with the limit."""
     from tests.helpers import RateLimitedProvider
 
-    cap, latency, width = (8, 0.05, 3) if quick else (8, 0.5, 10)
-    spec = Spec(2, width)  # the root splits into `width` sections of `width` parts
-    calls = 1 + width + width * width + width + 1
-    floor = calls / cap * latency
-    # The root's decision and its synthesis each run alone; the rest fill every slot at best.
-    schedule = (2 + math.ceil((calls - 2) / cap)) * latency
+    cap, latency = (8, 0.05) if quick else (8, 0.5)
     rows = [
         "",
         f"## 6. A rate-limited provider ({cap} calls at once, {latency} s per call)",
         "",
         f"An OpenAI-compatible server started by the benchmark answers {cap} calls at once and a "
-        f"429 (`Retry-After: 1`) above that; the tree has {spec.nodes} nodes and {calls} calls, "
-        f"so {calls} / {cap} × {latency} s = {floor:.2f} s is the provider's floor. No schedule "
-        f"reaches it: the root's decision and its synthesis each run alone, so the least any "
-        f"scheduler takes is (2 + ⌈{calls - 2} / {cap}⌉) × {latency} s = {schedule:.2f} s "
-        f"({schedule / floor:.3f} × the floor). One worker process (256 threads), after one "
-        "unmeasured tree.",
+        "429 (`Retry-After: 1`) above that. The root splits into W sections of W parts: "
+        "1 + 2W + W² + 1 calls, and calls / 8 × latency is the provider's floor. No schedule "
+        "reaches it: the root's decision and its synthesis each run alone, so the least any "
+        "scheduler takes is (2 + ⌈(calls − 2) / 8⌉) × latency. One worker process (256 threads), "
+        "after one unmeasured tree.",
         "",
-        "| limits | wall s | wall / floor | wall / least schedule | 429s received | failed nodes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| W | calls | floor s | least schedule s | limits | wall s | wall / floor "
+        "| wall / least schedule | 429s received | failed nodes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    model = "openai/bench"
-    with RateLimitedProvider(cap, latency, sections=width, parts=width) as provider:
-        env = {"TASKTREE_MODEL": model, "TASKTREE_API_BASE": provider.url}
-        env["TASKTREE_API_KEY"] = "sk-bench"
-        for label, extra in (
-            (f"`TASKTREE_LLM_CONCURRENCY={cap}`", {"TASKTREE_LLM_CONCURRENCY": str(cap)}),
-            ("none (429s cut the concurrency)", {}),
-        ):
-            name = f"provider{len(extra)}"
-            b.tasktree_worker(name, None, "0", {**env, **extra})
-            worker = b.workers[name]
-            worker.start()
-            worker.wait_ready()
-            b.tasktree(name, Spec(1, 2), task="Write the report.")  # the first call imports litellm
-            walls, refused, failed = [], [], []
-            for _ in range(b.runs):
-                b.r.delete(keys.adapted(model))  # each run starts with no cut from the last
-                before = provider.refused
-                wall, _, tree = b.tasktree(name, spec, task="Write the report.")
-                walls.append(wall)
-                refused.append(provider.refused - before)
-                failed.append(sum(1 for n in tree.nodes if n.status == "failed"))
-            worker.stop()
-            ratio = Row("", [w / floor for w in walls]).fmt(digits=2)
-            least = Row("", [w / schedule for w in walls]).fmt(digits=2)
-            rows.append(
-                f"| {label} | {Row('', walls).fmt(digits=2)} | {ratio} | {least} | "
-                f"{Row('', [float(x) for x in refused]).fmt(digits=0)} | {max(failed)} |"
-            )
+    with_limit = {"TASKTREE_LLM_CONCURRENCY": str(cap)}
+    cases = [(3, True), (3, False)] if quick else [(10, True), (10, False), (20, True)]
+    for width, limit in cases:
+        with RateLimitedProvider(cap, latency, sections=width, parts=width) as provider:
+            rows.append(limited_tree(b, provider, width, with_limit if limit else {}))
     return rows
+
+
+def limited_tree(b: Bench, provider: Any, width: int, extra: dict[str, str]) -> str:
+    from tasktree import keys
+
+    cap, latency = provider.capacity, provider.latency
+    spec = Spec(2, width)
+    calls = 1 + width + width * width + width + 1
+    floor = calls / cap * latency
+    schedule = (2 + math.ceil((calls - 2) / cap)) * latency
+    model = "openai/bench"
+    env = {"TASKTREE_MODEL": model, "TASKTREE_API_BASE": provider.url}
+    env["TASKTREE_API_KEY"] = "sk-bench"
+    name = f"provider{width}x{len(extra)}"
+    b.tasktree_worker(name, None, "0", {**env, **extra})
+    worker = b.workers[name]
+    worker.start()
+    worker.wait_ready()
+    b.tasktree(name, Spec(1, 2), task="Write the report.")  # the first call imports litellm
+    walls, refused, failed = [], [], []
+    for _ in range(b.runs):
+        b.r.delete(keys.adapted(model))  # each run starts with no cut from the last
+        before = provider.refused
+        wall, _, tree = b.tasktree(name, spec, task="Write the report.")
+        walls.append(wall)
+        refused.append(provider.refused - before)
+        failed.append(sum(1 for n in tree.nodes if n.status == "failed"))
+    worker.stop()
+    label = f"`TASKTREE_LLM_CONCURRENCY={cap}`" if extra else "none (429s cut the concurrency)"
+    ratio = Row("", [w / floor for w in walls]).fmt(digits=3)
+    least = Row("", [w / schedule for w in walls]).fmt(digits=3)
+    row = (
+        f"| {width} | {calls} | {floor:.2f} | {schedule:.2f} | {label} | "
+        f"{Row('', walls).fmt(digits=2)} | {ratio} | {least} | "
+        f"{Row('', [float(x) for x in refused]).fmt(digits=0)} | {max(failed)} |"
+    )
+    print(row, flush=True)
+    return row
 
 
 def plot(points: list[tuple[str, float, float]], path: Path) -> None:
