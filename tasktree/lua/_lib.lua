@@ -38,6 +38,15 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A model's concurrency now: the configured one (0: none), or the cut a 429 made if lower.
+local function model_limit(conc, adapted_key)
+  local cap = tonumber(redis.call('HGET', adapted_key, 'cap') or '')
+  if not cap then return conc end
+  cap = math.max(1, math.floor(cap))
+  if conc == 0 or cap < conc then return cap end
+  return conc
+end
+
 -- A key made for a tree that has ended expires with it (the tree key's TTL, if it has one).
 -- Only an ended tree has a TTL: a caller that read the tree's status passes it, and a tree
 -- still at work costs no PTTL.

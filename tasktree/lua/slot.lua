@@ -17,12 +17,7 @@ if redis.call('ZSCORE', KEYS[1], token) then  -- handed a slot while waiting, or
   end
   return {'OK'}
 end
-local limit = conc
-local cap = tonumber(redis.call('HGET', KEYS[3], 'cap') or '')
-if cap then
-  cap = math.max(1, math.floor(cap))
-  if limit == 0 or cap < limit then limit = cap end
-end
+local limit = model_limit(conc, KEYS[3])
 if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
   redis.call('ZADD', KEYS[4], 'NX', now, token)
   redis.call('ZADD', KEYS[5], now + tonumber(ARGV[6]), token)

@@ -31,12 +31,7 @@ elseif ARGV[2] == '200' then
   end
 end
 if redis.call('EXISTS', KEYS[3]) == 0 then return in_flight end
-local limit = conc
-local cap = tonumber(redis.call('HGET', KEYS[2], 'cap') or '')
-if cap then
-  cap = math.max(1, math.floor(cap))
-  if limit == 0 or cap < limit then limit = cap end
-end
+local limit = model_limit(conc, KEYS[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local room = limit - redis.call('ZCARD', KEYS[1])
 if limit == 0 then room = 64 end  -- no limit left (a cut that lapsed): wake them all
